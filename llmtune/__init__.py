@@ -1,0 +1,1 @@
+"""llmtune: fine-tune pretrained transformer encoders from small composable pieces."""
