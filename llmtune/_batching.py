@@ -1,0 +1,144 @@
+"""Token storage, length-grouped batch order and dynamic padding for DatasetAdapter."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Tokenized examples kept as flat arrays, so a batch is a few slices, not a Python walk."""
+
+    input_ids: np.ndarray  # (total_tokens,) int64, all examples back to back
+    token_type_ids: np.ndarray | None  # (total_tokens,) or None when the tokenizer has none
+    offsets: np.ndarray  # (N + 1,) start of each example in the flat arrays
+    labels: np.ndarray | None  # (N,) int64 ids, (N,) float32 targets or (N, K) float32 multi-hot
+    pad_id: int
+
+    @classmethod
+    def from_rows(
+        cls,
+        input_ids: Sequence[Sequence[int]],
+        token_type_ids: Sequence[Sequence[int]] | None,
+        labels: np.ndarray | None,
+        pad_id: int,
+    ) -> Tokenized:
+        """Pack per-example token lists (what a tokenizer returns) into flat arrays."""
+        offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
+        np.cumsum([len(row) for row in input_ids], out=offsets[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(input_ids), np.int64, count=int(offsets[-1]))
+        types = None
+        if token_type_ids is not None:
+            types = np.fromiter(
+                itertools.chain.from_iterable(token_type_ids), np.int64, count=int(offsets[-1])
+            )
+        return cls(flat, types, offsets, labels, pad_id)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """Pad the chosen examples to the longest among them (right padding)."""
+        lengths = self.lengths[indices]
+        width = int(lengths.max())
+        ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)  # (B, T)
+        mask = np.zeros((len(indices), width), dtype=np.int64)  # (B, T)
+        types = np.zeros((len(indices), width), dtype=np.int64) if self.token_type_ids is not None else None
+        for row, (i, n) in enumerate(zip(indices, lengths)):
+            start = self.offsets[i]
+            ids[row, :n] = self.input_ids[start : start + n]
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = self.token_type_ids[start : start + n]
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if types is not None:
+            batch["token_type_ids"] = torch.from_numpy(types)
+        if self.labels is not None:
+            batch["labels"] = torch.from_numpy(self.labels[indices])
+        return batch
+
+
+def length_grouped_order(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, mega: int = 50
+) -> list[np.ndarray]:
+    """Batches of similar length in random order, the scheme of HF's LengthGroupedSampler.
+
+    Shuffle, cut into mega-batches of `mega * batch_size`, sort each by length so that a
+    batch pads little, then shuffle the order of the batches so training does not see
+    lengths in a trend.
+    """
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), mega * batch_size):
+        chunk = order[start : start + mega * batch_size]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BatchLoader:
+    """Iterates padded batches of a Tokenized set; one reproducible order per (seed, epoch).
+
+    With `world_size > 1` each rank takes every `world_size`-th batch of the same global
+    order, so ranks see distinct examples and together cover the epoch.
+    """
+
+    def __init__(
+        self,
+        data: Tokenized,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        group_by_length: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The index batches this rank gets in `epoch` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.data)
+        if self.group_by_length:
+            batches = length_grouped_order(self.data.lengths, self.batch_size, rng)
+        else:
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.world_size > 1:
+            usable = len(batches) - len(batches) % self.world_size
+            batches = batches[self.rank : usable : self.world_size]
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.batch_indices())
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for indices in self.batch_indices():
+            yield self.data.collate(indices)

@@ -1,0 +1,196 @@
+"""Callbacks: small objects that react to the loop's named events.
+
+Events, in order: on_fit_start, then per epoch on_epoch_start, on_step_end (after each
+optimizer step), on_evaluate (after validation), on_epoch_end; finally on_fit_end. Each is
+called as `event(tuner, state, **kwargs)`; a callback reads `state` and may set
+`state.should_stop`. Override only the events you need and accept `**kwargs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .trainer import FineTuner, TrainState
+
+__all__ = ["Callback", "ProgressBar", "EarlyStopping", "KeepBest", "HistoryLogger", "EVENTS"]
+
+logger = logging.getLogger("llmtune")
+
+EVENTS = ("on_fit_start", "on_epoch_start", "on_step_end", "on_evaluate", "on_epoch_end", "on_fit_end")
+
+
+class Callback:
+    """Base class with every event as a no-op."""
+
+    def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None: ...
+
+    def on_epoch_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None: ...
+
+    def on_step_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        """kwargs: `loss` (detached tensor, mean over the step's examples), `examples`, `tokens`."""
+
+    def on_evaluate(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        """kwargs: `metrics`, the validation results (also in `state.metrics`)."""
+
+    def on_epoch_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None: ...
+
+    def on_fit_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None: ...
+
+
+def _resolve_monitor(tuner: FineTuner, monitor: str, mode: str) -> tuple[str, str]:
+    if monitor == "auto":
+        monitor, auto_mode = tuner.objective.monitor, tuner.objective.mode
+    else:
+        auto_mode = "min" if "loss" in monitor or monitor in ("mse", "mae") else "max"
+    return monitor, auto_mode if mode == "auto" else mode
+
+
+class _Monitor(Callback):
+    """Tracks the best value of one validation metric."""
+
+    def __init__(self, monitor: str = "auto", mode: str = "auto", min_delta: float = 0.0) -> None:
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.best: float | None = None
+
+    def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        self.monitor, self.mode = _resolve_monitor(tuner, self.monitor, self.mode)
+        self.best = None
+
+    def improved(self, metrics: dict[str, float]) -> bool:
+        if self.monitor not in metrics:
+            raise KeyError(
+                f"monitored metric {self.monitor!r} is not among the validation metrics {sorted(metrics)}"
+            )
+        value = metrics[self.monitor]
+        if math.isnan(value):
+            return False
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+        if better:
+            self.best = value
+        return better
+
+
+class EarlyStopping(_Monitor):
+    """Stop when the monitored validation metric has not improved for `patience` evaluations.
+
+    Example:
+        >>> FineTuner(model, callbacks=[EarlyStopping("f1", patience=2)])  # doctest: +SKIP
+    """
+
+    def __init__(self, monitor: str = "auto", patience: int = 2, mode: str = "auto", min_delta: float = 0.0):
+        super().__init__(monitor, mode, min_delta)
+        self.patience = patience
+        self.bad_epochs = 0
+
+    def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        super().on_fit_start(tuner, state)
+        self.bad_epochs = 0
+
+    def on_evaluate(
+        self, tuner: FineTuner, state: TrainState, *, metrics: dict[str, float], **kwargs: Any
+    ) -> None:
+        self.bad_epochs = 0 if self.improved(metrics) else self.bad_epochs + 1
+        if self.bad_epochs >= self.patience:
+            logger.info("early stopping: %s did not improve for %d evaluations", self.monitor, self.patience)
+            state.should_stop = True
+
+
+class KeepBest(_Monitor):
+    """Keep a CPU copy of the trainable weights at the best validation score; restore it at the end."""
+
+    def __init__(self, monitor: str = "auto", mode: str = "auto") -> None:
+        super().__init__(monitor, mode)
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.best_epoch: int | None = None
+
+    def on_evaluate(
+        self, tuner: FineTuner, state: TrainState, *, metrics: dict[str, float], **kwargs: Any
+    ) -> None:
+        if self.improved(metrics):
+            self.best_epoch = state.epoch
+            # Frozen parameters never change, so only the trainable ones need a copy.
+            self.weights = {
+                name: p.detach().to("cpu", copy=True)
+                for name, p in tuner.model.named_parameters()
+                if p.requires_grad
+            }
+
+    def on_fit_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        if self.weights is None or self.best_epoch == state.epoch:
+            return
+        params = dict(tuner.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.weights.items():
+                params[name].copy_(value)
+        logger.info(
+            "restored the weights of epoch %d (%s=%.4f)", self.best_epoch + 1, self.monitor, self.best
+        )
+
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch with loss and throughput, and one summary line per epoch.
+
+    The loss is read from the device (a host sync) only every `refresh` steps.
+    """
+
+    def __init__(self, refresh: int = 10) -> None:
+        self.refresh = refresh
+        self.bar: Any = None
+
+    def on_epoch_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}", unit="step", leave=False
+        )
+        self.examples, self.start = 0, time.perf_counter()
+
+    def on_step_end(
+        self, tuner: FineTuner, state: TrainState, *, loss: torch.Tensor, examples: int, **kwargs: Any
+    ) -> None:
+        self.examples += examples
+        self.bar.update(1)
+        if state.step % self.refresh == 0:
+            rate = self.examples / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}", refresh=False)
+
+    def on_epoch_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        self.bar.close()
+        from tqdm.auto import tqdm
+
+        record = state.history.records[-1]
+        shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        tqdm.write(shown)
+
+    def on_fit_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class HistoryLogger(Callback):
+    """Append each epoch's record (train loss, validation metrics) to a JSON-lines file."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A resumed run rewrites the records it already has, so the file matches the history.
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in state.history.records))
+
+    def on_epoch_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(state.history.records[-1]) + "\n")

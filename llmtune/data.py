@@ -1,0 +1,331 @@
+"""DatasetAdapter: any text source -> checked, labelled examples -> tokenized, padded batches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+
+from . import _labels
+from ._batching import BatchLoader, Tokenized
+from ._labels import Task
+from .errors import ConfigError, DataError
+
+__all__ = ["DatasetAdapter"]
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    # datasets draws a bar per map() call; tokenizing is quick and the bars clutter training logs.
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+class DatasetAdapter:
+    """Labelled text examples, held as a `datasets.Dataset` with columns text[, text_pair][, label].
+
+    Build one with a `from_*` constructor; labels are checked and mapped once, here, so bad
+    data fails before training. Subclass and add a `from_*` classmethod for a new format.
+
+    Args:
+        dataset: the source rows: a `datasets.Dataset` or a mapping of column -> values.
+        text: column holding the text.
+        text_pair: optional column holding the second text of a pair (NLI, QA...).
+        label: column holding labels, or None for unlabelled data (prediction only).
+        labels: the label names in id order; pass `train.labels` when building validation
+            or test data separately, so every split shares one mapping.
+        task: "classification", "multilabel", "regression" or "auto" (from the label values:
+            lists -> multilabel, floats -> regression, strings/ints -> classification).
+        source: a name for error messages (a file path, say).
+
+    Raises:
+        DataError: missing column (the message lists the columns present), empty data,
+            a non-text value in the text column, or a label that cannot be mapped.
+
+    Example:
+        >>> data = DatasetAdapter.from_lists(["good", "bad", "fine"], ["pos", "neg", "pos"])
+        >>> data.labels, data.task, len(data)
+        (['neg', 'pos'], 'classification', 3)
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset | Mapping[str, Sequence[Any]],
+        *,
+        text: str = "text",
+        text_pair: str | None = None,
+        label: str | None = "label",
+        labels: Sequence[Any] | None = None,
+        task: str = "auto",
+        source: str = "dataset",
+    ) -> None:
+        if task != "auto" and task not in _labels.TASKS:
+            raise ConfigError(f"task must be 'auto' or one of {_labels.TASKS}, got {task!r}")
+        is_hf = isinstance(dataset, datasets.Dataset)
+        present = list(dataset.column_names if is_hf else dataset)
+        for role, column in (("text", text), ("text_pair", text_pair), ("label", label)):
+            if column is not None and column not in present:
+                raise DataError(f"{source}: no {role} column {column!r}; the columns are {present}.")
+        if len(dataset[text]) == 0:
+            raise DataError(f"{source}: the dataset is empty.")
+        columns = {"text": self._texts(dataset[text], text, source)}
+        if text_pair is not None:
+            columns["text_pair"] = self._texts(dataset[text_pair], text_pair, source)
+        self.labels: list[str] | None = None
+        self.task: Task | None = None
+        if label is not None:
+            values = list(dataset[label])
+            if len(values) != len(columns["text"]):
+                raise DataError(f"{source}: {len(columns['text'])} texts but {len(values)} labels.")
+            if labels is None and is_hf and isinstance(dataset.features.get(label), datasets.ClassLabel):
+                labels = dataset.features[label].names
+            self.task = task if task != "auto" else _labels.infer_task(values, labels, source, label)
+            self.labels = _labels.label_names(values, self.task, labels)
+            columns["label"] = _labels.encode(values, self.task, self.labels, source, label)
+        self.dataset = datasets.Dataset.from_dict(columns)
+        self.source = source
+        self._tokenized: dict[tuple, Tokenized] = {}
+
+    @staticmethod
+    def _texts(values: Sequence[Any], column: str, source: str) -> list[str]:
+        texts = list(values)
+        for row, value in enumerate(texts):
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{source}, column {column!r}, row {row}: expected text, got {value!r} "
+                    f"({type(value).__name__}); fill or drop missing texts."
+                )
+        return texts
+
+    # -- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(
+        cls, dataset: datasets.Dataset | datasets.DatasetDict, **kwargs: Any
+    ) -> DatasetAdapter | dict[str, DatasetAdapter]:
+        """From a `datasets.Dataset`, or a `DatasetDict` -> one adapter per split.
+
+        The splits of a DatasetDict share the label mapping of "train" (or the first split).
+        """
+        if isinstance(dataset, datasets.DatasetDict):
+            names = list(dataset)
+            first = "train" if "train" in dataset else names[0]
+            head = cls(dataset[first], source=f"split {first!r}", **kwargs)
+            shared = {**kwargs, "labels": head.labels, "task": head.task or "auto"}
+            return {
+                n: head if n == first else cls(dataset[n], source=f"split {n!r}", **shared) for n in names
+            }
+        return cls(dataset, **kwargs)
+
+    @classmethod
+    def from_pandas(cls, frame: Any, **kwargs: Any) -> DatasetAdapter:
+        """From a pandas DataFrame (its index is dropped)."""
+        kwargs.setdefault("source", "DataFrame")
+        if not frame.columns.is_unique:
+            dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
+            raise DataError(f"{kwargs['source']}: duplicate column names {dupes}; rename them.")
+        return cls({str(c): frame[c].tolist() for c in frame.columns}, **kwargs)
+
+    @classmethod
+    def from_csv(
+        cls, path: str | os.PathLike, *, encoding: str = "utf-8", sep: str = ",", **kwargs: Any
+    ) -> DatasetAdapter:
+        """From a CSV file with a header row; `encoding` for files that are not UTF-8."""
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(path, encoding=encoding, sep=sep, keep_default_na=False, na_values=[""])
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}: cannot decode as {encoding} ({err.reason} at byte {err.start}); "
+                "pass encoding=..., e.g. encoding='latin-1'."
+            ) from None
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: the file is empty.") from None
+        kwargs.setdefault("source", str(path))
+        return cls.from_pandas(frame, **kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, **kwargs: Any) -> DatasetAdapter:
+        """From a JSON list of records or a JSON-lines file (`.jsonl`, one record a line)."""
+        import pandas as pd
+
+        lines = str(path).endswith((".jsonl", ".ndjson"))
+        try:
+            frame = pd.read_json(path, lines=lines, orient=None if lines else "records", dtype=False)
+        except ValueError as err:
+            raise DataError(f"{path}: not valid {'JSON lines' if lines else 'JSON'} ({err}).") from None
+        kwargs.setdefault("source", str(path))
+        return cls.from_pandas(frame, **kwargs)
+
+    @classmethod
+    def from_lists(
+        cls,
+        texts: Sequence[str],
+        labels: Sequence[Any] | None = None,
+        *,
+        text_pairs: Sequence[str] | None = None,
+        label_names: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> DatasetAdapter:
+        """From Python lists: texts, their labels and optionally the second texts of pairs."""
+        columns: dict[str, list] = {"text": list(texts)}
+        for name, column in (("labels", labels), ("text_pairs", text_pairs)):
+            if column is not None and len(column) != len(texts):
+                raise DataError(f"{len(texts)} texts but {len(column)} {name}.")
+        if labels is not None:
+            columns["label"] = list(labels)
+        if text_pairs is not None:
+            columns["text_pair"] = list(text_pairs)
+        kwargs.setdefault("source", "lists")
+        return cls(
+            columns,
+            text_pair="text_pair" if text_pairs is not None else None,
+            label="label" if labels is not None else None,
+            labels=label_names,
+            **kwargs,
+        )
+
+    # -- views --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __repr__(self) -> str:
+        return f"DatasetAdapter({len(self)} examples, task={self.task}, labels={self.labels})"
+
+    @property
+    def has_pairs(self) -> bool:
+        return "text_pair" in self.dataset.column_names
+
+    @property
+    def has_labels(self) -> bool:
+        return "label" in self.dataset.column_names
+
+    @property
+    def num_labels(self) -> int:
+        """Output width the data needs: number of labels, or 1 for regression."""
+        return len(self.labels) if self.labels is not None else 1
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """The examples as dicts with keys text[, text_pair][, label] (label already mapped)."""
+        return self.dataset.to_list()
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> DatasetAdapter:
+        """A new adapter over the chosen rows, sharing this one's label mapping."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.dataset = self.dataset.select(np.asarray(indices, dtype=np.int64))
+        new._tokenized = {}
+        return new
+
+    def split(self, validation: float | int = 0.1, *, seed: int = 0) -> tuple[DatasetAdapter, DatasetAdapter]:
+        """Split into (train, validation); stratified by label for single-label classification.
+
+        Args:
+            validation: fraction (0 < f < 1) or number of examples for validation.
+            seed: makes the split reproducible.
+        """
+        n = len(self)
+        n_val = round(validation * n) if isinstance(validation, float) else int(validation)
+        if not 0 < n_val < n:
+            raise DataError(f"validation={validation!r} leaves {n_val} of {n} examples for validation.")
+        rng = np.random.default_rng(seed)
+        if self.task == "classification":
+            val_idx = self._stratified(np.asarray(self.dataset["label"]), n_val, rng)
+        else:
+            val_idx = rng.permutation(n)[:n_val]
+        is_val = np.zeros(n, dtype=bool)
+        is_val[val_idx] = True
+        return self.select(np.flatnonzero(~is_val)), self.select(np.flatnonzero(is_val))
+
+    @staticmethod
+    def _stratified(ids: np.ndarray, n_val: int, rng: np.random.Generator) -> np.ndarray:
+        # Largest-remainder allocation: each class gives its share, the total is exactly n_val.
+        classes, counts = np.unique(ids, return_counts=True)
+        share = counts * n_val / len(ids)
+        take = np.floor(share).astype(int)
+        extra = np.argsort(-(share - take) + rng.random(len(classes)) * 1e-9)[: n_val - take.sum()]
+        take[extra] += 1
+        picks = [rng.permutation(np.flatnonzero(ids == c))[:k] for c, k in zip(classes, take)]
+        return np.sort(np.concatenate(picks))
+
+    # -- tokenization and batching -------------------------------------------------------
+
+    def tokenize(self, tokenizer: Any, max_length: int) -> Tokenized:
+        """Tokenize once per (tokenizer, max_length) through `datasets.map`; later calls reuse it."""
+        key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length)
+        if key not in self._tokenized:
+            if tokenizer.pad_token_id is None:
+                raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set one.")
+            pair = self.has_pairs
+
+            def encode(batch: dict[str, list]) -> dict[str, list]:
+                second = batch["text_pair"] if pair else None
+                return tokenizer(batch["text"], second, truncation=True, max_length=max_length)
+
+            columns = [c for c in self.dataset.column_names if c != "label"]
+            with _no_progress_bars():
+                encoded = self.dataset.map(encode, batched=True, remove_columns=columns)
+            labels = None
+            if self.has_labels:
+                dtype = np.int64 if self.task == "classification" else np.float32
+                labels = np.asarray(list(encoded["label"]), dtype=dtype)
+            types = encoded["token_type_ids"] if "token_type_ids" in encoded.column_names else None
+            self._tokenized[key] = Tokenized.from_rows(
+                list(encoded["input_ids"]),
+                None if types is None else list(types),
+                labels,
+                int(tokenizer.pad_token_id),
+            )
+        return self._tokenized[key]
+
+    def loader(
+        self,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        max_length: int = 512,
+        shuffle: bool = False,
+        group_by_length: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> BatchLoader:
+        """Batches of dict(input_ids, attention_mask[, token_type_ids][, labels]) tensors,
+        each padded to its own longest example. `group_by_length` puts similar lengths
+        together (random order of groups, reproducible from `seed` and the epoch)."""
+        return BatchLoader(
+            self.tokenize(tokenizer, max_length),
+            batch_size,
+            shuffle=shuffle,
+            group_by_length=group_by_length,
+            seed=seed,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def check_compatible(self, labels: Sequence[str] | None, task: str | None, role: str) -> None:
+        """Refuse data whose label mapping or task differs from the model's."""
+        if not self.has_labels:
+            raise DataError(f"{role} data ({self.source}) has no label column.")
+        if task is not None and self.task != task:
+            raise ConfigError(f"{role} data is {self.task} but the model is {task}.")
+        if labels is not None and self.labels != list(labels):
+            raise ConfigError(
+                f"{role} data ({self.source}) has labels {self.labels} but the model has "
+                f"{list(labels)}; build it with labels=model.labels (or train.labels)."
+            )

@@ -1,0 +1,306 @@
+"""ClassifierModel: a pretrained encoder + pooling + dropout + a linear head, with its tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._batching import Tokenized
+from ._labels import TASKS
+from .errors import ConfigError
+
+__all__ = ["ClassifierModel"]
+
+HEAD_CONFIG = "llmtune_head.json"
+HEAD_WEIGHTS = "llmtune_head.safetensors"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # transformers prints a load report for the pooler weights we drop on purpose.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def checkpoint_pooling(name_or_dir: str | os.PathLike, **hub_kwargs: Any) -> str:
+    """The pooling a sentence-transformers checkpoint was trained with ("mean"/"cls"), else "cls"."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(
+            str(name_or_dir),
+            "1_Pooling/config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+    except OSError:
+        path = None
+    if path is None:
+        return "cls"
+    config = json.loads(Path(path).read_text())
+    if config.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
+
+
+class ClassifierModel(nn.Module):
+    """Encoder + pooling + dropout + linear head; `forward` returns logits.
+
+    Args:
+        encoder: a transformers base model (`AutoModel`), returning `last_hidden_state`.
+        tokenizer: the encoder's tokenizer.
+        labels: label names in id order (classification, multi-label); None for regression.
+        task: "classification", "multilabel" or "regression".
+        num_labels: output width; defaults to len(labels), or 1 for regression.
+        pooling: "cls" (first token) or "mean" (mean over non-pad tokens).
+        dropout: dropout before the head; None takes the encoder's hidden dropout.
+        max_length: longest input in tokens; longer texts are truncated.
+
+    Example:
+        >>> model = ClassifierModel.from_pretrained("bert-base-uncased", labels=["neg", "pos"])
+        >>> model.predict(["a quietly brilliant film"])  # doctest: +SKIP
+        ['pos']
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tokenizer: Any,
+        *,
+        labels: Sequence[Any] | None = None,
+        task: str = "classification",
+        num_labels: int | None = None,
+        pooling: str = "cls",
+        dropout: float | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        labels = [str(x) for x in labels] if labels is not None else None
+        if task != "regression" and labels is None and num_labels is None:
+            raise ConfigError(f"a {task} model needs labels=[...] or num_labels=N")
+        if labels is not None and num_labels is not None and num_labels != len(labels):
+            raise ConfigError(f"num_labels={num_labels} but {len(labels)} labels were given: {labels}")
+        if labels is None and task != "regression":
+            labels = [str(i) for i in range(num_labels)]
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.labels = labels
+        self.task = task
+        self.pooling = pooling
+        config = encoder.config
+        self.dropout_p = getattr(config, "hidden_dropout_prob", 0.1) if dropout is None else dropout
+        model_max = getattr(tokenizer, "model_max_length", 512)
+        self.max_length = max_length or min(model_max if model_max < 10**6 else 512, 512)
+        width = len(labels) if labels is not None else (num_labels or 1)
+        self.dropout = nn.Dropout(self.dropout_p)
+        self.head = nn.Linear(config.hidden_size, width)
+        nn.init.normal_(self.head.weight, std=getattr(config, "initializer_range", 0.02))
+        nn.init.zeros_(self.head.bias)
+
+    # -- construction and persistence ------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | os.PathLike,
+        *,
+        labels: Sequence[Any] | None = None,
+        num_labels: int | None = None,
+        task: str | None = None,
+        pooling: str = "auto",
+        dropout: float | None = None,
+        max_length: int | None = None,
+        **encoder_kwargs: Any,
+    ) -> ClassifierModel:
+        """Load an encoder and tokenizer by Hub name or local directory, and add a new head.
+
+        A directory written by `save_pretrained` reloads with its head, labels and settings.
+        `pooling="auto"` uses the pooling the checkpoint was trained with when it says
+        (sentence-transformers' `1_Pooling/config.json`), else CLS. Extra keyword arguments
+        go to `AutoModel.from_pretrained` (e.g. `attn_implementation`, `revision`).
+        """
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        head_file = Path(name_or_dir) / HEAD_CONFIG
+        saved = json.loads(head_file.read_text()) if head_file.is_file() else None
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+            try:
+                encoder = AutoModel.from_pretrained(name_or_dir, add_pooling_layer=False, **encoder_kwargs)
+            except TypeError:  # encoders without a pooler layer do not take the argument
+                encoder = AutoModel.from_pretrained(name_or_dir, **encoder_kwargs)
+        if saved is not None:
+            if labels is not None and [str(x) for x in labels] != saved["labels"]:
+                raise ConfigError(
+                    f"{name_or_dir} was trained with labels {saved['labels']}, not {list(labels)}"
+                )
+            model = cls(
+                encoder,
+                tokenizer,
+                labels=saved["labels"],
+                task=saved["task"],
+                num_labels=saved["num_labels"],
+                pooling=saved["pooling"],
+                dropout=saved["dropout"] if dropout is None else dropout,
+                max_length=max_length or saved["max_length"],
+            )
+            model.head.load_state_dict(load_file(Path(name_or_dir) / HEAD_WEIGHTS))
+            return model
+        if pooling == "auto":
+            pooling = checkpoint_pooling(name_or_dir)
+        if task is None:
+            task = "regression" if labels is None and num_labels in (None, 1) else "classification"
+        return cls(
+            encoder,
+            tokenizer,
+            labels=labels,
+            task=task,
+            num_labels=num_labels,
+            pooling=pooling,
+            dropout=dropout,
+            max_length=max_length,
+        )
+
+    def head_config(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels,
+            "task": self.task,
+            "num_labels": self.head.out_features,
+            "pooling": self.pooling,
+            "dropout": self.dropout_p,
+            "max_length": self.max_length,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write encoder (safetensors + config), tokenizer, head weights and label names."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with _quiet_transformers():
+            self.encoder.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+        head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        save_file(head, directory / HEAD_WEIGHTS)
+        (directory / HEAD_CONFIG).write_text(json.dumps(self.head_config(), indent=2))
+
+    # -- forward ------------------------------------------------------------------------
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled encoder features, shape (B, hidden)."""
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]  # (B, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Head on pooled features: dropout + linear, shape (B, num_labels)."""
+        return self.head(self.dropout(features))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Logits, shape (B, num_labels). Extra batch keys (e.g. labels) are ignored."""
+        return self.classify(self.encode(input_ids, attention_mask, token_type_ids))
+
+    # -- inference ----------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @torch.inference_mode()
+    def outputs(self, data: Tokenized, batch_size: int = 64) -> np.ndarray:
+        """Raw outputs for tokenized examples, in their order, shape (N, num_labels), in eval mode.
+
+        Batches go in length order so each pads little; the outputs are put back in place.
+        """
+        out = np.empty((len(data), self.head.out_features), dtype=np.float32)
+        order = np.argsort(data.lengths, kind="stable")
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                indices = order[start : start + batch_size]
+                batch = {k: v.to(self.device) for k, v in data.collate(indices).items() if k != "labels"}
+                out[indices] = self(**batch).float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    def logits(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        """Raw outputs for a list of texts, shape (N, num_labels)."""
+        if isinstance(texts, str):
+            raise TypeError("predict takes a list of texts, not one string; wrap it: [text]")
+        texts = list(texts)
+        pairs = list(text_pairs) if text_pairs is not None else None
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+        data = Tokenized.from_rows(
+            enc["input_ids"], enc.get("token_type_ids"), None, int(self.tokenizer.pad_token_id)
+        )
+        return self.outputs(data, batch_size)
+
+    def predict_proba(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        """Class probabilities (softmax; sigmoid per label for multi-label), shape (N, num_labels)."""
+        if self.task == "regression":
+            raise ConfigError("predict_proba has no meaning for regression; use predict")
+        logits = torch.from_numpy(self.logits(texts, text_pairs, batch_size))
+        probs = logits.sigmoid() if self.task == "multilabel" else logits.softmax(-1)
+        return probs.numpy()
+
+    def predict(
+        self,
+        texts: Sequence[str],
+        text_pairs: Sequence[str] | None = None,
+        batch_size: int = 64,
+        threshold: float = 0.5,
+    ) -> list[Any]:
+        """Label names (classification), lists of names (multi-label, sigmoid >= threshold),
+        or floats (regression), one per text."""
+        if self.task == "regression":
+            out = self.logits(texts, text_pairs, batch_size)
+            return out[:, 0].tolist() if out.shape[1] == 1 else out.tolist()
+        probs = self.predict_proba(texts, text_pairs, batch_size)
+        assert self.labels is not None
+        if self.task == "multilabel":
+            return [[self.labels[j] for j in np.flatnonzero(row >= threshold)] for row in probs]
+        return [self.labels[i] for i in probs.argmax(-1)]

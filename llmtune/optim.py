@@ -1,0 +1,157 @@
+"""OptimizerFactory: optimizer (SGD, Adam, AdamW) with parameter groups, plus the LR schedule."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["OptimizerFactory"]
+
+SCHEDULES = ("constant", "linear", "cosine")
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class OptimizerFactory:
+    """Builds the optimizer and LR schedule for a model once the number of steps is known.
+
+    Parameter groups: no weight decay on biases and normalisation weights; the freshly
+    initialised head (`model.head`) gets `head_lr`; with `layer_decay=d` the encoder layer
+    at depth i of L gets `lr * d ** (L - i)` (embeddings are depth 0). Only parameters with
+    `requires_grad` are handed to the optimizer.
+
+    Args:
+        name: "sgd", "adam" or "adamw".
+        lr: learning rate of the encoder.
+        weight_decay: decoupled (AdamW) or L2 (SGD, Adam) weight decay.
+        head_lr: learning rate of the head; "auto" = max(lr, 1e-3), which lets a new head
+            learn on small data within a few epochs; None = lr.
+        layer_decay: layer-wise LR decay factor in (0, 1], or None for none.
+        schedule: "constant", "linear" (decay to 0) or "cosine", each after warmup.
+        warmup: warmup steps (int) or fraction of all steps (float < 1).
+        options: extra optimizer keyword arguments (betas, eps, momentum, fused...).
+
+    Example:
+        >>> factory = OptimizerFactory.adamw(lr=2e-5, warmup=0.1)
+        >>> optimizer, scheduler = factory.build(model, total_steps=1000)  # doctest: +SKIP
+    """
+
+    name: str = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    head_lr: float | str | None = "auto"
+    layer_decay: float | None = None
+    schedule: str = "linear"
+    warmup: float | int = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.head_lr not in ("auto", None) and not (
+            isinstance(self.head_lr, float | int) and self.head_lr > 0
+        ):
+            raise ConfigError(f"head_lr must be 'auto', None or > 0, got {self.head_lr!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.warmup < 0 or (isinstance(self.warmup, float) and self.warmup >= 1):
+            raise ConfigError(f"warmup is steps (int >= 0) or a fraction in [0, 1), got {self.warmup!r}")
+
+    @classmethod
+    def sgd(
+        cls, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0, **kwargs: Any
+    ) -> OptimizerFactory:
+        """SGD with momentum."""
+        options = {"momentum": momentum, **kwargs.pop("options", {})}
+        return cls("sgd", lr, weight_decay, options=options, **kwargs)
+
+    @classmethod
+    def adam(cls, lr: float = 5e-5, weight_decay: float = 0.0, **kwargs: Any) -> OptimizerFactory:
+        """Adam (weight decay as L2 in the gradient)."""
+        return cls("adam", lr, weight_decay, **kwargs)
+
+    @classmethod
+    def adamw(cls, lr: float = 5e-5, weight_decay: float = 0.01, **kwargs: Any) -> OptimizerFactory:
+        """AdamW (decoupled weight decay), the usual choice for fine-tuning."""
+        return cls("adamw", lr, weight_decay, **kwargs)
+
+    # -- parameter groups ---------------------------------------------------------------
+
+    @property
+    def resolved_head_lr(self) -> float:
+        if self.head_lr == "auto":
+            return max(self.lr, 1e-3)
+        return self.lr if self.head_lr is None else float(self.head_lr)
+
+    @staticmethod
+    def no_decay_names(model: nn.Module) -> set[str]:
+        """Names of parameters exempt from weight decay: biases and normalisation weights."""
+        names = set()
+        for module_name, module in model.named_modules():
+            is_norm = isinstance(module, NORM_TYPES) or "norm" in type(module).__name__.lower()
+            for param_name, _ in module.named_parameters(recurse=False):
+                if is_norm or param_name == "bias":
+                    names.add(f"{module_name}.{param_name}" if module_name else param_name)
+        return names
+
+    def layer_depth(self, name: str, num_layers: int) -> int:
+        """Depth of an encoder parameter: 0 embeddings, i + 1 for layer i, L + 1 above the layers."""
+        match = _LAYER.search(name)
+        if match:
+            return int(match.group(1)) + 1
+        return 0 if "embed" in name else num_layers + 1
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by (learning rate, weight decay)."""
+        no_decay = self.no_decay_names(model)
+        head = getattr(model, "head", None)
+        head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        config = getattr(getattr(model, "encoder", model), "config", None)
+        num_layers = getattr(config, "num_hidden_layers", 0) or 0
+        groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if id(param) in head_ids:
+                lr = self.resolved_head_lr
+            elif self.layer_decay is not None and num_layers:
+                depth = min(self.layer_depth(name, num_layers), num_layers)
+                lr = self.lr * self.layer_decay ** (num_layers - depth)
+            else:
+                lr = self.lr
+            decay = 0.0 if name in no_decay else self.weight_decay
+            groups.setdefault((lr, decay), []).append(param)
+        if not groups:
+            raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
+        return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+    # -- build --------------------------------------------------------------------------
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(self.warmup) if isinstance(self.warmup, int) else round(self.warmup * total_steps)
+
+    def build(
+        self, model: nn.Module, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimizer over `model`'s trainable parameters and its per-step LR schedule."""
+        from transformers import get_scheduler
+
+        groups = self.param_groups(model)
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.name]
+        optimizer = cls(groups, lr=self.lr, **self.options)
+        name = {"constant": "constant_with_warmup"}.get(self.schedule, self.schedule)
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=self.warmup_steps(total_steps), num_training_steps=total_steps
+        )
+        return optimizer, scheduler

@@ -1,0 +1,198 @@
+"""FineTuner: learning happens, accumulation is exact, events come in order, bad data is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import sentiment_texts
+
+from llmtune import (
+    Callback,
+    ConfigError,
+    DataError,
+    DatasetAdapter,
+    EarlyStopping,
+    FineTuner,
+    HistoryLogger,
+    Objective,
+    OptimizerFactory,
+)
+
+
+@pytest.fixture
+def sentiment():
+    texts, labels = sentiment_texts(400)
+    return DatasetAdapter.from_lists(texts, labels).split(validation=0.25, seed=0)
+
+
+def test_net_learns(make_model, sentiment):
+    train, val = sentiment
+    model = make_model(labels=train.labels)
+    tuner = FineTuner(
+        model,
+        optimizer=OptimizerFactory.adamw(lr=3e-3),
+        epochs=6,
+        batch_size=16,
+        precision="fp32",
+        progress=False,
+    )
+    before = tuner.evaluate(val)
+    history = tuner.fit(train, val)
+    after = tuner.evaluate(val)
+    assert history.train_loss[-1] < 0.5 * history.train_loss[0]
+    assert before["accuracy"] < 0.75
+    assert after["accuracy"] >= 0.95
+    assert after["f1"] >= 0.95
+    assert len(history) == 6 and history["epoch"] == [1, 2, 3, 4, 5, 6]
+
+
+def _one_step(model, data, batch_size, grad_accum):
+    tuner = FineTuner(
+        model,
+        optimizer=OptimizerFactory.sgd(lr=0.1, momentum=0.0, head_lr=None),
+        max_steps=1,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        precision="fp32",
+        progress=False,
+        keep_best=False,
+        group_by_length=False,
+        max_grad_norm=None,
+    )
+    tuner.fit(data)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_grad_accumulation_equals_one_big_batch(make_model):
+    texts, labels = sentiment_texts(8)
+    data = DatasetAdapter.from_lists(texts, labels)
+    model = make_model(dropout=0.0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    big = _one_step(model, data, batch_size=8, grad_accum=1)
+    model.load_state_dict(start)
+    small = _one_step(model, data, batch_size=8, grad_accum=4)
+    changed = [k for k in start if not torch.equal(start[k], big[k])]
+    assert changed, "one step of SGD must move the weights"
+    for key in big:
+        torch.testing.assert_close(small[key], big[key], rtol=1e-5, atol=1e-6)
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_fit_start(self, tuner, state, **kwargs):
+        self.events.append("fit_start")
+
+    def on_epoch_start(self, tuner, state, **kwargs):
+        self.events.append("epoch_start")
+
+    def on_step_end(self, tuner, state, **kwargs):
+        self.events.append("step")
+
+    def on_evaluate(self, tuner, state, **kwargs):
+        self.events.append("evaluate")
+
+    def on_epoch_end(self, tuner, state, **kwargs):
+        self.events.append("epoch_end")
+
+    def on_fit_end(self, tuner, state, **kwargs):
+        self.events.append("fit_end")
+
+
+def test_event_order(make_model):
+    texts, labels = sentiment_texts(12)
+    train = DatasetAdapter.from_lists(texts, labels)
+    recorder = Recorder()
+    FineTuner(make_model(), epochs=2, batch_size=4, progress=False, callbacks=[recorder]).fit(train, train)
+    epoch = ["epoch_start", "step", "step", "step", "evaluate", "epoch_end"]
+    assert recorder.events == ["fit_start", *epoch, *epoch, "fit_end"]
+
+
+def test_every_callback_accepts_kwargs(make_model):
+    from llmtune import callbacks as cb
+
+    for cls in (cb.Callback, cb.ProgressBar, cb.EarlyStopping, cb.KeepBest, cb.HistoryLogger):
+        for event in cb.EVENTS:
+            params = __import__("inspect").signature(getattr(cls, event)).parameters
+            assert any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{cls.__name__}.{event}"
+
+
+def test_early_stopping_and_history_file(make_model, sentiment, tmp_path):
+    train, val = sentiment
+    stopper = EarlyStopping("accuracy", patience=1, min_delta=2.0)  # nothing improves by 2.0
+    path = tmp_path / "history.jsonl"
+    tuner = FineTuner(
+        make_model(), epochs=5, batch_size=32, progress=False, callbacks=[stopper, HistoryLogger(path)]
+    )
+    history = tuner.fit(train, val)
+    assert len(history) == 2  # epoch 1 sets the best, epoch 2 fails to improve -> stop
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == history.records
+    assert {"epoch", "step", "train_loss", "val_loss", "val_accuracy", "val_f1"} <= set(lines[0])
+
+
+def test_keep_best_restores_best_weights(make_model, sentiment):
+    train, val = sentiment
+    model = make_model()
+    # A huge LR wrecks the model after it has learned; the best epoch's weights come back.
+    tuner = FineTuner(
+        model,
+        optimizer=OptimizerFactory.adamw(lr=3e-3, schedule="constant"),
+        epochs=4,
+        batch_size=16,
+        precision="fp32",
+        progress=False,
+    )
+    history = tuner.fit(train, val)
+    best = max(history["val_f1"])
+    assert tuner.evaluate(val)["f1"] == pytest.approx(best)
+
+
+def test_user_metric_and_predict_order(make_model, sentiment):
+    train, val = sentiment
+    tuner = FineTuner(make_model(), epochs=1, progress=False, metrics={"n": lambda logits, y: float(len(y))})
+    assert tuner.evaluate(val)["n"] == len(val)
+    logits = tuner.predict(val)
+    assert logits.shape == (len(val), 2)
+    one_by_one = np.concatenate([tuner.predict(val.select([i])) for i in range(5)])
+    np.testing.assert_allclose(logits[:5], one_by_one, atol=1e-2)
+
+
+def test_regression_learns(make_model):
+    texts, _ = sentiment_texts(300)
+    targets = [float(sum(w in t.split() for w in ("good", "great", "superb"))) + 0.5 for t in texts]
+    train, val = DatasetAdapter.from_lists(texts, targets).split(0.2, seed=1)
+    model = make_model(task="regression")
+    tuner = FineTuner(
+        model,
+        Objective.mse(),
+        OptimizerFactory.adamw(lr=3e-3),
+        epochs=8,
+        batch_size=16,
+        precision="fp32",
+        progress=False,
+    )
+    before = tuner.evaluate(val)["mse"]
+    tuner.fit(train, val)
+    after = tuner.evaluate(val)
+    assert after["mse"] < 0.3 * before and after["mae"] < 0.5
+
+
+def test_refuses_bad_data_before_training(make_model):
+    model = make_model(labels=["neg", "pos"])
+    tuner = FineTuner(model, progress=False)
+    three = DatasetAdapter.from_lists(["a", "b", "c"], ["neg", "pos", "meh"])
+    with pytest.raises(ConfigError, match=r"labels \['meh', 'neg', 'pos'\].*model has \['neg', 'pos'\]"):
+        tuner.fit(three)
+    train = DatasetAdapter.from_lists(["a", "b"], ["neg", "neg"], label_names=["neg", "pos"])
+    val = DatasetAdapter.from_lists(["c", "d"], ["pos", "neg"], label_names=["neg", "pos"])
+    with pytest.raises(DataError, match=r"\['pos'\] occur in validation .* never in training"):
+        tuner.fit(train, val)
+    with pytest.raises(ConfigError, match="is for regression but the model is classification"):
+        FineTuner(model, Objective.mse())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
