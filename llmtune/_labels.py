@@ -20,8 +20,8 @@ def _is_missing(value: Any) -> bool:
 
 
 def _kind(value: Any) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return "int"
+    if isinstance(value, (bool, np.bool_)):  # its own kind: True must not become label "1"
+        return "bool"
     if isinstance(value, numbers.Integral):
         return "int"
     if isinstance(value, numbers.Real):
@@ -51,14 +51,17 @@ def infer_task(values: Sequence[Any], labels: Sequence[Any] | None, source: str,
         return "multilabel"
     if "float" in kinds and labels is None:
         return "regression"
-    if set(kinds) <= {"int", "str", "float"}:
+    if set(kinds) <= {"int", "str", "float", "bool"}:
         return "classification"
     bad = next(iter(kinds))
     raise DataError(f"{_where(source, column, kinds[bad])}: unsupported label type {bad}.")
 
 
 def label_names(values: Sequence[Any], task: Task, labels: Sequence[Any] | None) -> list[str] | None:
-    """The ordered label names: given ones, else sorted unique values (ints keep their own ids)."""
+    """The ordered label names: given ones, else sorted unique values.
+
+    Small integer ids keep their own index (0..max); sparse integer codes are sorted numerically.
+    """
     if task == "regression":
         return None
     if labels is not None:
@@ -67,11 +70,16 @@ def label_names(values: Sequence[Any], task: Task, labels: Sequence[Any] | None)
             raise DataError(f"labels contain duplicates: {names}")
         return names
     flat = [v for value in values for v in value] if task == "multilabel" else list(values)
-    if flat and all(_kind(v) == "int" for v in flat):
-        top = max(int(v) for v in flat)
-        if min(int(v) for v in flat) < 0:
-            raise DataError(f"negative integer label {min(int(v) for v in flat)}; ids start at 0.")
-        return [str(i) for i in range(top + 1)]
+    if not flat:
+        raise DataError("no label values at all (every label list is empty); nothing to learn.")
+    # Integer ids (1.0 counts as 1, so a column that pandas read as floats maps the same way).
+    if all(_kind(v) == "int" or (_kind(v) == "float" and float(v).is_integer()) for v in flat):
+        ids = sorted({int(v) for v in flat})
+        if ids[0] < 0:
+            raise DataError(f"negative integer label {ids[0]}; ids start at 0.")
+        if ids[-1] < max(2 * len(ids), 100):  # dense: 0..max, so label i is output i
+            return [str(i) for i in range(ids[-1] + 1)]
+        return [str(i) for i in ids]  # sparse codes (years, product ids): one output each
     return sorted({str(v) for v in flat})
 
 
@@ -97,7 +105,8 @@ def encode(values: Sequence[Any], task: Task, names: list[str] | None, source: s
         if str(value) in index:
             return index[str(value)]
         # Integer ids against named labels (an HF ClassLabel column with labels=[...]).
-        if _kind(value) == "int" and not any(n.lstrip("-").isdigit() for n in names):
+        is_id = _kind(value) == "int" or (_kind(value) == "float" and float(value).is_integer())
+        if is_id and not any(n.lstrip("-").isdigit() for n in names):
             if 0 <= int(value) < len(names):
                 return int(value)
             raise DataError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,60 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             ds_logging.enable_progress_bar()
+
+
+def _lines_end_with_lf(path: str | os.PathLike) -> bool:
+    """True when the first line of an uncompressed file ends with "\n" but not "\r\n"."""
+    if str(path).endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")):
+        return False
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except OSError:  # pandas reports a missing or unreadable file itself
+        return False
+    return first.endswith(b"\n") and not first.endswith(b"\r\n")
+
+
+def _undecodable_at(path: str | os.PathLike, encoding: str) -> str:
+    """Where the first undecodable byte is (pandas reports offsets inside its read buffer)."""
+    compressed = str(path).endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".tar"))
+    if compressed or os.path.getsize(path) > 256 << 20:
+        return ""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        return f" at line {line}, byte {err.start}"
+    return ""
+
+
+def clip_pairs(
+    tokenizer: Any, first: list[str], second: list[str], max_length: int, margin: int = 16
+) -> tuple[list[str], list[str]]:
+    """Cut the texts of long pairs a little after the tokens that truncation would keep.
+
+    Fast tokenizers truncate a pair of long texts in time and memory that grow with the
+    square of their length (two 40k-character texts: 4 GB), while a single text tokenizes
+    in linear time. So each side of a long pair is cut at a token boundary after
+    `max_length + margin` tokens, the longer side a margin later, which keeps what
+    "longest_first" truncation looks at (which side is longer, the shorter one's length)
+    and so gives the same tokens.
+    """
+    long = [i for i, (a, b) in enumerate(zip(first, second)) if min(len(a), len(b)) > max_length]
+    if not long or not getattr(tokenizer, "is_fast", False):
+        return first, second
+    first, second = list(first), list(second)
+    texts = [first[i] for i in long] + [second[i] for i in long]
+    spans = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    for j, i in enumerate(long):
+        a, b = spans[j], spans[len(long) + j]
+        for side, mine, other in ((first, a, b), (second, b, a)):
+            keep = max_length + margin * (2 if len(mine) > len(other) else 1)
+            if len(mine) > keep:
+                side[i] = side[i][: mine[keep][0]]  # exactly `keep` tokens before the cut
+    return first, second
 
 
 class DatasetAdapter:
@@ -141,20 +196,61 @@ class DatasetAdapter:
     def from_csv(
         cls, path: str | os.PathLike, *, encoding: str = "utf-8", sep: str = ",", **kwargs: Any
     ) -> DatasetAdapter:
-        """From a CSV file with a header row; `encoding` for files that are not UTF-8."""
+        """From a CSV file with a header row; `encoding` for files that are not UTF-8.
+
+        Text columns are read as text (a column of numbers stays "123"); empty cells are
+        missing values, which the text and label columns refuse. A header that names a
+        column twice and rows with more fields than the header are refused too.
+        """
         import pandas as pd
 
+        options = {"encoding": encoding, "sep": sep, "keep_default_na": False, "na_values": [""]}
+        if _lines_end_with_lf(path):
+            # pandas' to_csv leaves a text holding a bare "\r" unquoted, and read_csv would end
+            # the row there; in a file whose lines end with "\n", "\r" is part of the text.
+            options["lineterminator"] = "\n"
+        texts = {c: str for c in (kwargs.get("text", "text"), kwargs.get("text_pair")) if c is not None}
         try:
-            frame = pd.read_csv(path, encoding=encoding, sep=sep, keep_default_na=False, na_values=[""])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas drops fields otherwise
+                header = pd.read_csv(path, header=None, nrows=1, dtype=str, **options).iloc[0].tolist()
+                cls._check_header(str(path), header, sep, kwargs)
+                # index_col=False: a row with one extra field would otherwise become the index.
+                frame = pd.read_csv(path, index_col=False, dtype=texts, **options)
         except UnicodeDecodeError as err:
             raise DataError(
-                f"{path}: cannot decode as {encoding} ({err.reason} at byte {err.start}); "
+                f"{path}: cannot decode as {encoding} ({err.reason}{_undecodable_at(path, encoding)}); "
                 "pass encoding=..., e.g. encoding='latin-1'."
             ) from None
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the file is empty.") from None
+        except (pd.errors.ParserError, pd.errors.ParserWarning) as err:
+            raise DataError(f"{path}: malformed CSV ({err}); check sep={sep!r} and the quoting.") from None
         kwargs.setdefault("source", str(path))
         return cls.from_pandas(frame, **kwargs)
+
+    @staticmethod
+    def _check_header(path: str, header: list[Any], sep: str, kwargs: dict[str, Any]) -> None:
+        # pandas renames a repeated column to "name.1", so duplicates are found on the raw header.
+        names = [str(h) for h in header if isinstance(h, str)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DataError(f"{path}: the header names column(s) {dupes} more than once; rename them.")
+        wanted = {"text": kwargs.get("text", "text"), "text_pair": kwargs.get("text_pair")}
+        wanted["label"] = kwargs.get("label", "label")
+        missing = [(role, c) for role, c in wanted.items() if c is not None and c not in names]
+        if not missing:
+            return
+        role, column = missing[0]
+        hint = ""
+        if len(names) == 1 and any(s in names[0] for s in (";", "\t", "|") if s != sep):
+            hint = " The file may use another separator: pass sep=';' (or '\\t', '|')."
+        elif len(missing) == sum(c is not None for c in wanted.values()):
+            hint = (
+                " If the first row is data, the file has no header row: add one naming the "
+                "columns, or read it with pandas (header=None, names=[...]) and use from_pandas."
+            )
+        raise DataError(f"{path}: no {role} column {column!r}; the columns are {header}.{hint}")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **kwargs: Any) -> DatasetAdapter:
@@ -253,11 +349,16 @@ class DatasetAdapter:
     @staticmethod
     def _stratified(ids: np.ndarray, n_val: int, rng: np.random.Generator) -> np.ndarray:
         # Largest-remainder allocation: each class gives its share, the total is exactly n_val.
+        # Each class keeps at least one example for training while the total allows it, so
+        # validation never holds a class that training lacks.
         classes, counts = np.unique(ids, return_counts=True)
         share = counts * n_val / len(ids)
-        take = np.floor(share).astype(int)
-        extra = np.argsort(-(share - take) + rng.random(len(classes)) * 1e-9)[: n_val - take.sum()]
-        take[extra] += 1
+        room = counts - 1 if n_val <= (counts - 1).sum() else counts
+        take = np.minimum(np.floor(share).astype(int), room)
+        order = np.argsort(-(share - take) + rng.random(len(classes)) * 1e-9)
+        while take.sum() < n_val:  # one more each, furthest below its share first
+            for c in order[take[order] < room[order]][: n_val - take.sum()]:
+                take[c] += 1
         picks = [rng.permutation(np.flatnonzero(ids == c))[:k] for c, k in zip(classes, take)]
         return np.sort(np.concatenate(picks))
 
@@ -272,8 +373,10 @@ class DatasetAdapter:
             pair = self.has_pairs
 
             def encode(batch: dict[str, list]) -> dict[str, list]:
-                second = batch["text_pair"] if pair else None
-                return tokenizer(batch["text"], second, truncation=True, max_length=max_length)
+                first, second = batch["text"], batch["text_pair"] if pair else None
+                if pair:
+                    first, second = clip_pairs(tokenizer, first, second, max_length)
+                return tokenizer(first, second, truncation=True, max_length=max_length)
 
             columns = [c for c in self.dataset.column_names if c != "label"]
             with _no_progress_bars():

@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from torch import nn
 from ._batching import Tokenized
 from ._labels import TASKS
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .tuning import TuningStrategy
 
 __all__ = ["ClassifierModel"]
 
@@ -38,6 +41,21 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _adapter_base(name_or_dir: str | os.PathLike, tuning: dict[str, Any], base: Any) -> Any:
+    """Where the encoder weights come from: the directory itself, or a LoRA adapter's base."""
+    if tuning.get("name") != "LoRA":
+        if base is not None:
+            raise ConfigError(f"base= is for LoRA adapter directories; {name_or_dir} holds a full model")
+        return name_or_dir
+    source = base or tuning.get("base_model")
+    if not source:
+        raise ConfigError(
+            f"{name_or_dir} holds a LoRA adapter without a record of its base encoder; "
+            "pass base=<the encoder's name or directory>"
+        )
+    return source
 
 
 def checkpoint_pooling(name_or_dir: str | os.PathLike, **hub_kwargs: Any) -> str:
@@ -119,6 +137,7 @@ class ClassifierModel(nn.Module):
         self.head = nn.Linear(config.hidden_size, width)
         nn.init.normal_(self.head.weight, std=getattr(config, "initializer_range", 0.02))
         nn.init.zeros_(self.head.bias)
+        self.tuning: TuningStrategy | None = None  # set by tune(); None: every parameter trains
 
     # -- construction and persistence ------------------------------------------------------
 
@@ -133,6 +152,7 @@ class ClassifierModel(nn.Module):
         pooling: str = "auto",
         dropout: float | None = None,
         max_length: int | None = None,
+        base: str | os.PathLike | None = None,
         **encoder_kwargs: Any,
     ) -> ClassifierModel:
         """Load an encoder and tokenizer by Hub name or local directory, and add a new head.
@@ -141,18 +161,23 @@ class ClassifierModel(nn.Module):
         `pooling="auto"` uses the pooling the checkpoint was trained with when it says
         (sentence-transformers' `1_Pooling/config.json`), else CLS. Extra keyword arguments
         go to `AutoModel.from_pretrained` (e.g. `attn_implementation`, `revision`).
+
+        A LoRA directory (adapter + head, see `llmtune.LoRA`) loads its adapter on top of the
+        base encoder it recorded, or on `base` (Hub name or directory) when given.
         """
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
         head_file = Path(name_or_dir) / HEAD_CONFIG
         saved = json.loads(head_file.read_text()) if head_file.is_file() else None
+        tuning = (saved or {}).get("tuning") or {}
+        source = _adapter_base(name_or_dir, tuning, base)
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
             try:
-                encoder = AutoModel.from_pretrained(name_or_dir, add_pooling_layer=False, **encoder_kwargs)
+                encoder = AutoModel.from_pretrained(source, add_pooling_layer=False, **encoder_kwargs)
             except TypeError:  # encoders without a pooler layer do not take the argument
-                encoder = AutoModel.from_pretrained(name_or_dir, **encoder_kwargs)
+                encoder = AutoModel.from_pretrained(source, **encoder_kwargs)
         if saved is not None:
             if labels is not None and [str(x) for x in labels] != saved["labels"]:
                 raise ConfigError(
@@ -169,6 +194,10 @@ class ClassifierModel(nn.Module):
                 max_length=max_length or saved["max_length"],
             )
             model.head.load_state_dict(load_file(Path(name_or_dir) / HEAD_WEIGHTS))
+            if tuning.get("name") == "LoRA":
+                from .tuning import LoRA
+
+                LoRA.attach(model, name_or_dir, tuning)
             return model
         if pooling == "auto":
             pooling = checkpoint_pooling(name_or_dir)
@@ -186,7 +215,7 @@ class ClassifierModel(nn.Module):
         )
 
     def head_config(self) -> dict[str, Any]:
-        return {
+        config: dict[str, Any] = {
             "labels": self.labels,
             "task": self.task,
             "num_labels": self.head.out_features,
@@ -194,9 +223,17 @@ class ClassifierModel(nn.Module):
             "dropout": self.dropout_p,
             "max_length": self.max_length,
         }
+        if self.tuning is not None:  # LoRA's record says which base encoder the adapter needs
+            config["tuning"] = self.tuning.record(self)
+        return config
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write encoder (safetensors + config), tokenizer, head weights and label names."""
+        """Write encoder (safetensors + config), tokenizer, head weights and label names.
+
+        With LoRA adapters the encoder part is only the adapter (peft's layout) plus a record
+        of the base encoder, megabytes instead of the whole encoder; `merge()` first to write
+        a full model.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -207,6 +244,32 @@ class ClassifierModel(nn.Module):
         head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(head, directory / HEAD_WEIGHTS)
         (directory / HEAD_CONFIG).write_text(json.dumps(self.head_config(), indent=2))
+
+    # -- tuning -------------------------------------------------------------------------
+
+    def tune(self, strategy: TuningStrategy) -> ClassifierModel:
+        """Choose which parameters train: `Full()`, `HeadOnly()`, `TopLayers(k)`, `BitFit()`, `LoRA(...)`.
+
+        Changes the model in place (LoRA wraps the encoder) and returns it; the head always
+        trains. With a frozen encoder (HeadOnly) FineTuner caches encoder features.
+
+        Example:
+            >>> from llmtune import LoRA
+            >>> model = model.tune(LoRA(r=8))  # doctest: +SKIP
+        """
+        return strategy.apply(self)
+
+    def merge(self) -> ClassifierModel:
+        """Fold LoRA adapters into the encoder weights for zero-overhead inference; returns the model.
+
+        Afterwards it is a plain model (every parameter trains, `save_pretrained` writes it whole).
+
+        Raises:
+            ConfigError: the model has no LoRA adapters.
+        """
+        from .tuning import merge_adapters
+
+        return merge_adapters(self)
 
     # -- forward ------------------------------------------------------------------------
 
@@ -230,12 +293,19 @@ class ClassifierModel(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        *,
+        features: torch.Tensor | None = None,
         **_: Any,
     ) -> torch.Tensor:
-        """Logits, shape (B, num_labels). Extra batch keys (e.g. labels) are ignored."""
+        """Logits, shape (B, num_labels). Extra batch keys (e.g. labels) are ignored.
+
+        `features` (B, hidden), pooled encoder outputs cached earlier, skip the encoder.
+        """
+        if features is not None:
+            return self.classify(features)
         return self.classify(self.encode(input_ids, attention_mask, token_type_ids))
 
     # -- inference ----------------------------------------------------------------------

@@ -7,9 +7,11 @@ else that reacts to the loop (progress, early stopping, history files) is a `Cal
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _runtime
+from . import _runtime, checkpoint
+from ._batching import BatchLoader
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar
 from .data import DatasetAdapter
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
 from .objectives import Objective
 from .optim import OptimizerFactory
+from .tuning import FeatureLoader, encoder_frozen
 
 __all__ = ["FineTuner", "TrainState", "History"]
 
@@ -53,16 +57,34 @@ class History:
 
 @dataclass
 class TrainState:
-    """Everything about a run in progress that callbacks may read (and `should_stop` write)."""
+    """Everything about a run in progress that callbacks may read (and `should_stop` write).
+
+    The `epoch_*` and `batches_done` fields are the position inside the current epoch; with
+    the optimizer, scheduler and scaler they are what a checkpoint needs to resume exactly.
+    """
 
     epoch: int = 0
     step: int = 0
     total_steps: int = 0
     steps_per_epoch: int = 0
+    batches_per_epoch: int = 0  # micro-batches
+    batches_done: int = 0  # micro-batches of this epoch consumed so far
     examples_seen: int = 0
+    epoch_loss: torch.Tensor | float = 0.0  # sum of loss * examples this epoch, on the device
+    epoch_examples: int = 0
+    epoch_skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    skipped: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     history: History = field(default_factory=History)
     should_stop: bool = False
+    optimizer: Any = field(default=None, repr=False)
+    scheduler: Any = field(default=None, repr=False)
+    scaler: Any = field(default=None, repr=False)
+
+    def next_epoch(self) -> None:
+        """Reset the per-epoch position and sums."""
+        self.batches_done, self.epoch_examples, self.epoch_skipped = 0, 0, 0
+        self.epoch_loss = torch.zeros_like(torch.as_tensor(self.epoch_loss))
 
 
 def _windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -98,6 +120,9 @@ class FineTuner:
         callbacks: extra callbacks; a progress bar and best-weights restore are added
             unless `progress=False` / `keep_best=False` (or one of that type is given).
         group_by_length: length-grouped training batches (less padding, faster).
+        nonfinite: what a NaN or infinite loss or gradient norm does: "raise" stops with a
+            `TrainingError` naming the step and batch, before the weights change; "skip"
+            drops that optimizer step (counted as `skipped_steps` in each epoch's record).
 
     Example:
         >>> tuner = FineTuner(model, epochs=3, batch_size=32)  # doctest: +SKIP
@@ -124,11 +149,14 @@ class FineTuner:
         progress: bool = True,
         keep_best: bool = True,
         group_by_length: bool = True,
+        nonfinite: str = "raise",
     ) -> None:
         if epochs < 1 and max_steps is None:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
         if batch_size < grad_accum or batch_size % grad_accum:
             raise ConfigError(f"batch_size={batch_size} must be a multiple of grad_accum={grad_accum}")
+        if nonfinite not in ("raise", "skip"):
+            raise ConfigError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.model = model
         self.objective = objective or Objective.for_task(model.task)
         if self.objective.task != model.task:
@@ -145,6 +173,7 @@ class FineTuner:
         self.seed = seed
         self.metrics = {**self.objective.metrics(), **(metrics or {})}
         self.group_by_length = group_by_length
+        self.nonfinite = nonfinite
         self.callbacks = list(callbacks)
         if progress and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.callbacks.insert(0, ProgressBar())
@@ -178,8 +207,26 @@ class FineTuner:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def fit(self, train: DatasetAdapter, validation: DatasetAdapter | None = None) -> History:
-        """Train on `train`, evaluating on `validation` after each epoch; returns the History."""
+    def fit(
+        self,
+        train: DatasetAdapter,
+        validation: DatasetAdapter | None = None,
+        *,
+        resume_from: str | os.PathLike | None = None,
+    ) -> History:
+        """Train on `train`, evaluating on `validation` after each epoch; returns the History.
+
+        Args:
+            train: the training data.
+            validation: evaluated after each epoch; its metrics go to the history and callbacks.
+            resume_from: a checkpoint directory, or "latest": the newest complete checkpoint
+                of the `Checkpoint` callback (a fresh start while there is none). The run
+                continues exactly where the checkpoint was written.
+
+        Raises:
+            CheckpointError: the checkpoint is damaged, or from another model, label set or data.
+            TrainingError: a non-finite loss or gradient norm (with `nonfinite="raise"`).
+        """
         self.check_data(train, validation)
         model = self.model.to(self.device)
         _runtime.seed_everything(self.seed)
@@ -191,24 +238,40 @@ class FineTuner:
             group_by_length=self.group_by_length,
             seed=self.seed,
         )
+        loader = self.cache_features(loader)
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
         total_steps = self.max_steps or self.epochs * steps_per_epoch
         epochs = math.ceil(total_steps / steps_per_epoch)
         optimizer, scheduler = self.optimizer.build(model, total_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         params = [p for p in model.parameters() if p.requires_grad]
-        state = self.state = TrainState(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        state = self.state = TrainState(
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            batches_per_epoch=len(loader),
+            epoch_loss=torch.zeros((), device=self.device),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+        )
+        # Weights, optimizer, schedule, counters and history come back before on_fit_start (a
+        # HistoryLogger writes the history there); callback state and RNG after it (it resets them).
+        resumed = checkpoint.resume_run(self, resume_from, train) if resume_from is not None else None
+        self.emit("on_fit_start", state, train=train, validation=validation)
+        if resumed is not None:
+            resumed.restore_callbacks_and_rng(self)
 
-        self.emit("on_fit_start", state)
-        for epoch in range(epochs):
+        for epoch in range(state.epoch, epochs):
+            if state.step >= total_steps or state.should_stop:
+                break
             state.epoch = epoch
             loader.set_epoch(epoch)
             model.train()
             self.emit("on_epoch_start", state)
-            loss_sum, examples = torch.zeros((), device=self.device), 0
-            for window in _windows(loader, self.grad_accum):
+            # A resumed run continues inside its epoch: the batch order is fixed by (seed, epoch).
+            for window in _windows(itertools.islice(loader, state.batches_done, None), self.grad_accum):
                 n = sum(len(batch["labels"]) for batch in window)
-                step_loss = torch.zeros((), device=self.device)
+                step_loss, losses = torch.zeros((), device=self.device), []
                 for batch in window:
                     batch = _runtime.to_device(batch, self.device)
                     with _runtime.autocast(self.device, self.dtype):
@@ -216,18 +279,24 @@ class FineTuner:
                     loss = self.objective(logits, batch["labels"]) * (len(batch["labels"]) / n)
                     scaler.scale(loss).backward()
                     step_loss += loss.detach()
+                    losses.append(loss.detach())
+                grad_norm = self.grad_norm(params, optimizer, scaler)
+                state.batches_done += len(window)
+                if not self.check_finite(state, losses, grad_norm, scaler, len(window)):
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.update()  # an fp16 scaler also lowers its scale here
+                    continue
                 if self.max_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                    torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.examples_seen += n
-                loss_sum += step_loss * n
-                examples += n
-                tokens = sum(int(b["attention_mask"].sum()) for b in window)
+                state.epoch_loss += step_loss * n
+                state.epoch_examples += n
+                tokens = sum(int(b["attention_mask"].sum()) for b in window if "attention_mask" in b)
                 self.emit("on_step_end", state, loss=step_loss, examples=n, tokens=tokens)
                 if state.step >= total_steps or state.should_stop:
                     break
@@ -235,8 +304,10 @@ class FineTuner:
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": state.step,
-                "train_loss": (loss_sum / examples).item(),
+                "train_loss": (state.epoch_loss / state.epoch_examples).item(),
             }
+            if self.nonfinite == "skip":
+                record["skipped_steps"] = state.epoch_skipped
             if validation is not None:
                 state.metrics = self.evaluate(validation)
                 record.update({f"val_{k}": v for k, v in state.metrics.items()})
@@ -244,10 +315,67 @@ class FineTuner:
             state.history.records.append(record)
             logger.info("epoch %d: %s", epoch + 1, record)
             self.emit("on_epoch_end", state)
-            if state.step >= total_steps or state.should_stop:
-                break
+            state.next_epoch()
         self.emit("on_fit_end", state)
         return state.history
+
+    def grad_norm(
+        self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    ) -> torch.Tensor:
+        """The total gradient norm (after fp16 unscaling): for clipping and the finite check."""
+        scaler.unscale_(optimizer)  # a no-op unless fp16 scaling is on
+        # What clip_grad_norm_ computes first; taken apart so a bad gradient is seen before clipping.
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+    def check_finite(
+        self,
+        state: TrainState,
+        losses: list[torch.Tensor],
+        grad_norm: torch.Tensor,
+        scaler: torch.amp.GradScaler,
+        batches: int,
+    ) -> bool:
+        """True if the step's loss and gradient norm are finite; else raise, or False to skip.
+
+        The loop's one host sync per optimizer step (the loss is otherwise read only every few
+        steps): cheap next to backward, and it keeps NaN out of the weights and checkpoints.
+        With fp16 the grad scaler skips inf-gradient steps itself, so only the loss counts.
+        """
+        finite = torch.isfinite(torch.stack(losses)).all()
+        if not scaler.is_enabled():
+            finite &= torch.isfinite(grad_norm)
+        if finite.item():
+            return True
+        first, last = state.batches_done - batches, state.batches_done - 1
+        bad = [first + i for i, loss in enumerate(losses) if not torch.isfinite(loss)]
+        named = self.model.named_parameters()
+        grads = [n for n, p in named if p.grad is not None and not p.grad.isfinite().all()]
+        what = f"loss in batch index {bad[0]}" if bad else f"gradient of {grads[:1]} (norm {grad_norm:g})"
+        where = f"batch index {first}" if first == last else f"batch indices {first}-{last}"
+        message = (
+            f"non-finite {what} at step {state.step + 1} (epoch {state.epoch + 1}, {where} of the epoch's "
+            f"{state.batches_per_epoch}); the weights were not updated."
+        )
+        if self.nonfinite == "raise":
+            raise TrainingError(
+                f"{message} Lower the learning rate, check the data for extreme values, or pass "
+                "FineTuner(nonfinite='skip') to skip such steps."
+            )
+        logger.warning("skipped: %s", message)
+        state.epoch_skipped += 1
+        state.skipped += 1
+        return False
+
+    def cache_features(self, loader: BatchLoader) -> BatchLoader | FeatureLoader:
+        """On a frozen encoder (e.g. `HeadOnly`), run it once per example and train on its features.
+
+        Returns a `FeatureLoader` that yields the same batches as `loader`, with cached pooled
+        features in place of tokens, so every epoch costs only the head; otherwise `loader`.
+        Override and return `loader` to always run the encoder.
+        """
+        if not encoder_frozen(self.model):
+            return loader
+        return FeatureLoader.build(self.model, loader, self.device, self.dtype, self.eval_batch_size)
 
     # -- evaluation and prediction -------------------------------------------------------
 

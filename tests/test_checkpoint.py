@@ -1,0 +1,334 @@
+"""Checkpoints: a SIGKILLed run resumes bit for bit, saves are atomic, loads are safe, NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sentiment_texts
+
+from llmtune import (
+    Checkpoint,
+    CheckpointError,
+    DatasetAdapter,
+    EarlyStopping,
+    FineTuner,
+    Objective,
+    OptimizerFactory,
+    TrainingError,
+)
+from llmtune import checkpoint as ckpt
+
+SCRIPT = Path(__file__).parent / "crash_resume_script.py"
+
+
+@pytest.fixture
+def data():
+    texts, labels = sentiment_texts(40)
+    return DatasetAdapter.from_lists(texts, labels).split(validation=8, seed=0)
+
+
+def make_tuner(model, directory=None, **kwargs):
+    callbacks = kwargs.pop("callbacks", [])
+    if directory is not None:
+        callbacks = [Checkpoint(directory, every_n_steps=3, keep_last=None), *callbacks]
+    options = dict(epochs=2, batch_size=8, precision="fp32", progress=False, callbacks=callbacks)
+    return FineTuner(model, optimizer=OptimizerFactory.adamw(lr=3e-3), **{**options, **kwargs})
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def position(path):
+    return json.loads((path / ckpt.STATE_FILE).read_text())
+
+
+# -- exact resume -------------------------------------------------------------------------
+
+
+def _run(workdir, log, mode, *extra):
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), str(workdir), str(log), mode, *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps(log):
+    return [json.loads(line) for line in Path(log).read_text().splitlines()]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(make_model, tmp_path):
+    """A real crash: the subprocess is SIGKILLed after its first checkpoint and resumed from 'latest'."""
+    from safetensors.torch import load_file
+
+    unbroken, crashed = tmp_path / "unbroken", tmp_path / "crashed"
+    model = make_model()
+    for workdir in (unbroken, crashed):
+        model.save_pretrained(workdir / "init")
+    reference = _run(unbroken, tmp_path / "unbroken.jsonl", "fresh")
+    victim = _run(crashed, tmp_path / "before.jsonl", "fresh", "--slow")
+    deadline = time.monotonic() + 60
+    while ckpt.latest_checkpoint(crashed / "ckpt") is None:
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert not (crashed / "final.safetensors").exists(), "it finished before the kill"
+
+    resumed_from = position(ckpt.latest_checkpoint(crashed / "ckpt"))
+    assert resumed_from["batches_done"] > 0, "the kill should land inside an epoch"
+    out, _ = _run(crashed, tmp_path / "after.jsonl", "resume").communicate(timeout=120)
+    assert (crashed / "final.safetensors").exists(), out
+    out, _ = reference.communicate(timeout=120)
+    assert reference.returncode == 0, out
+
+    assert_same_weights(load_file(unbroken / "final.safetensors"), load_file(crashed / "final.safetensors"))
+    assert json.loads((unbroken / "history.json").read_text()) == json.loads(
+        (crashed / "history.json").read_text()
+    )
+    # Same batches (data order) and the same loss at every step (dropout masks, optimizer state).
+    step = resumed_from["step"]
+    after = _steps(tmp_path / "after.jsonl")
+    assert after[0]["step"] == step + 1
+    before = [s for s in _steps(tmp_path / "before.jsonl") if s["step"] <= step]
+    assert before + after == _steps(tmp_path / "unbroken.jsonl")
+
+
+def test_resume_from_each_kind_of_checkpoint_matches_an_unbroken_run(make_model, data, tmp_path):
+    """In one process: resuming at an epoch's end and inside an epoch, with KeepBest and EarlyStopping."""
+    train, val = data  # 32 examples, batch 8: 4 steps per epoch; checkpoints at steps 3, 4, 6, 8
+    model = make_model()
+    start = weights(model)
+    stopper = EarlyStopping("loss", patience=5)
+    history = make_tuner(model, tmp_path / "a", epochs=2, callbacks=[stopper]).fit(train, val)
+    expected = weights(model)
+    found = ckpt.list_checkpoints(tmp_path / "a")
+    assert [p.name for p in found] == ["step-00000003", "step-00000004", "step-00000006", "step-00000008"]
+    assert [position(p)["batches_done"] for p in found] == [3, 0, 2, 0]  # inside, end, inside, end
+    for path in found[:3]:
+        model.load_state_dict(start)
+        again = make_tuner(
+            model, tmp_path / path.name, epochs=2, callbacks=[EarlyStopping("loss", patience=5)]
+        )
+        assert again.fit(train, val, resume_from=path).records == history.records
+        assert_same_weights(weights(model), expected)
+
+
+def test_resume_from_a_finished_run_trains_no_more(make_model, data, tmp_path):
+    train, val = data
+    model = make_model()
+    history = make_tuner(model, tmp_path).fit(train, val)
+    done = weights(model)
+    again = make_tuner(model, tmp_path)
+    assert again.fit(train, val, resume_from="latest").records == history.records
+    assert again.state.step == history["step"][-1]
+    assert_same_weights(weights(model), done)
+    # Starting over (or branching from an older checkpoint) in the same directory is refused:
+    # the old run's newer checkpoints would win resume_from="latest".
+    with pytest.raises(
+        CheckpointError, match=r"ahead of this run \(up to step-00000008; this run is at step 0\)"
+    ):
+        make_tuner(model, tmp_path).fit(train, val)
+    with pytest.raises(CheckpointError, match=r"this run is at step 3"):
+        make_tuner(model, tmp_path).fit(train, val, resume_from=tmp_path / "step-00000003")
+
+
+def test_latest_without_checkpoints_starts_fresh_and_without_callback_is_refused(
+    make_model, data, tmp_path, caplog
+):
+    train, _ = data
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        history = make_tuner(make_model(), tmp_path / "empty", epochs=1).fit(train, resume_from="latest")
+    assert len(history) == 1 and "starting from scratch" in caplog.text
+    with pytest.raises(CheckpointError, match="no Checkpoint callback"):
+        make_tuner(make_model()).fit(train, resume_from="latest")
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint .*pass one of them"):
+        make_tuner(make_model()).fit(train, resume_from=tmp_path / "empty")
+
+
+# -- atomic saves and retention -------------------------------------------------------------
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(make_model, data, tmp_path, monkeypatch):
+    train, _ = data
+    calls = {"n": 0}
+    real = ckpt._rng_state
+
+    def dies_on_second_save():
+        calls["n"] += 1
+        if calls["n"] == 2:  # model and optimizer files are already written by now
+            raise OSError("disk full")
+        return real()
+
+    monkeypatch.setattr(ckpt, "_rng_state", dies_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        make_tuner(make_model(), tmp_path, epochs=1).fit(train)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]  # no temporary left behind
+    model = make_model()
+    ckpt.load_weights(model, tmp_path / "step-00000003")
+
+
+def test_partial_directories_are_never_taken_for_checkpoints(make_model, data, tmp_path):
+    """What a SIGKILL during a save or a deletion leaves behind is ignored, then cleaned up."""
+    train, _ = data
+    model = make_model()
+    make_tuner(model, tmp_path, epochs=1).fit(train)
+    good = ckpt.latest_checkpoint(tmp_path)
+    assert good.name == "step-00000004"
+    (tmp_path / ".tmp-step-00000009-123").mkdir()  # killed mid-save
+    (tmp_path / ".tmp-step-00000009-123" / ckpt.MODEL_FILE).write_bytes(b"half")
+    partial = tmp_path / "step-00000012"  # e.g. copied by hand, a file missing
+    partial.mkdir()
+    for name in ckpt.FILES[:-1]:
+        (partial / name).write_bytes((good / name).read_bytes())
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    make_tuner(model, tmp_path, epochs=1).fit(train, resume_from="latest")
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_keep_last_and_best(make_model, data, tmp_path):
+    train, val = data
+    saver = Checkpoint(tmp_path, keep_last=1, monitor="loss")
+    tuner = make_tuner(make_model(), epochs=4, callbacks=[saver], keep_best=False)
+    tuner.optimizer = OptimizerFactory.adamw(lr=0.05, schedule="constant")  # overshoots: best is early
+    history = tuner.fit(train, val)
+    best_epoch = min(range(4), key=lambda e: history["val_loss"][e])
+    best = tmp_path / f"step-{history['step'][best_epoch]:08d}"
+    last = tmp_path / f"step-{history['step'][-1]:08d}"
+    assert set(ckpt.list_checkpoints(tmp_path)) == {best, last}
+    assert ckpt.best_checkpoint(tmp_path) == best == saver.best_path
+    assert json.loads((tmp_path / "best.json").read_text())["value"] == min(history["val_loss"])
+
+
+def test_checkpoint_records_the_runs_configuration(make_model, data, tmp_path):
+    train, _ = data
+    make_tuner(make_model(labels=["neg", "pos"]), tmp_path, epochs=1, seed=3).fit(train)
+    config = json.loads((ckpt.latest_checkpoint(tmp_path) / ckpt.CONFIG_FILE).read_text())
+    assert config["model"]["labels"] == ["neg", "pos"] and config["model"]["task"] == "classification"
+    assert config["model"]["encoder"]["hidden_size"] == 32
+    assert config["settings"]["seed"] == 3 and config["settings"]["optimizer"]["lr"] == 3e-3
+    assert config["data"]["examples"] == len(train)
+
+
+# -- safe, checked loading --------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_another_model_or_label_set_is_refused(make_model, data, tmp_path, tokenizer):
+    from conftest import tiny_encoder
+
+    from llmtune import ClassifierModel
+
+    train, _ = data
+    make_tuner(make_model(labels=["neg", "pos"]), tmp_path, epochs=1).fit(train)
+    path = ckpt.latest_checkpoint(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=r"labels: \['neg', 'pos'\] in the checkpoint, \['a', 'b'\] now"
+    ):
+        ckpt.load_weights(make_model(labels=["a", "b"]), path)
+    three = DatasetAdapter.from_lists(["x", "y", "z"], ["neg", "pos", "meh"])
+    with pytest.raises(
+        CheckpointError, match=r"labels: \['neg', 'pos'\] in the checkpoint, \['meh', 'neg', 'pos'\]"
+    ):
+        make_tuner(make_model(labels=three.labels)).fit(three, resume_from=path)
+    deeper = ClassifierModel(tiny_encoder(tokenizer, layers=3), tokenizer, labels=["neg", "pos"])
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers: 2 in the checkpoint, 3 now"):
+        ckpt.load_weights(deeper, path)
+    with pytest.raises(CheckpointError, match=r"batch_size: 8 in the checkpoint, 4 now.*data order"):
+        make_tuner(make_model(), batch_size=4).fit(train, resume_from=path)
+    other = DatasetAdapter.from_lists(*sentiment_texts(40, seed=1))
+    with pytest.raises(CheckpointError, match="different training data"):
+        make_tuner(make_model()).fit(other, resume_from=path)
+
+
+def test_loading_never_unpickles_code(make_model, data, tmp_path):
+    train, _ = data
+    make_tuner(make_model(), tmp_path, epochs=1).fit(train)
+    path = ckpt.latest_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"state": Payload()}, path / ckpt.OPTIMIZER_FILE)
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: cannot read"):
+        make_tuner(make_model(), tmp_path).fit(train, resume_from="latest")
+    assert not marker.exists()
+
+
+# -- the NaN / inf guard ----------------------------------------------------------------------
+
+
+class NaNAt(Objective):
+    """Cross-entropy that turns NaN on chosen calls (one call per micro-batch)."""
+
+    task = "classification"
+
+    def __init__(self, bad_calls):
+        self.inner, self.bad, self.calls = Objective.cross_entropy(), set(bad_calls), 0
+
+    def __call__(self, logits, targets):
+        loss = self.inner(logits, targets)
+        self.calls += 1
+        return loss * float("nan") if logits.requires_grad and self.calls in self.bad else loss
+
+    def metrics(self):
+        return self.inner.metrics()
+
+
+def test_nan_loss_stops_with_step_and_batch_and_writes_no_poisoned_checkpoint(make_model, data, tmp_path):
+    train, _ = data
+    model = make_model()
+    saver = Checkpoint(tmp_path, every_n_steps=1, keep_last=None)
+    tuner = make_tuner(model, callbacks=[saver], grad_accum=2, objective=NaNAt({12}))
+    # Micro-batches of 4, 8 per epoch: call 12 is step 6 = epoch 2, batch index 3 (of the window 2-3).
+    with pytest.raises(TrainingError, match=r"loss in batch index 3 at step 6 \(epoch 2, batch indices 2-3"):
+        tuner.fit(train)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)][-1] == "step-00000005"
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_inf_gradient_is_caught_before_the_optimizer_step(make_model, data):
+    train, _ = data
+    model = make_model()
+    model.head.weight.register_hook(lambda g: g * float("inf") if tuner.state.step == 2 else g)
+    tuner = make_tuner(model, max_grad_norm=None)
+    with pytest.raises(TrainingError, match=r"gradient of \['head.weight'\] .* at step 3 \(epoch 1"):
+        tuner.fit(train)
+    assert torch.isfinite(model.head.weight).all()
+
+
+def test_skip_mode_drops_bad_steps_and_counts_them(make_model, data):
+    train, _ = data
+    tuner = make_tuner(make_model(), objective=NaNAt({2, 7}), nonfinite="skip")
+    history = tuner.fit(train)
+    assert history["skipped_steps"] == [1, 1]
+    assert tuner.state.step == 2 * 4 - 2 and tuner.state.skipped == 2
+    assert all(torch.isfinite(torch.tensor(history.train_loss)))
+
+
+def test_save_refuses_non_finite_weights(make_model, data, tmp_path):
+    train, _ = data
+    model = make_model()
+    tuner = make_tuner(model, tmp_path, epochs=1)
+    tuner.fit(train)
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    with pytest.raises(TrainingError, match=r"refusing to write a checkpoint: model weights \['head.bias'\]"):
+        ckpt.save_checkpoint(tmp_path / "step-00000099", tuner, tuner.state)
+    assert not (tmp_path / "step-00000099").exists()

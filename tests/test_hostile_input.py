@@ -1,0 +1,263 @@
+"""Hostile input: broken files and odd labels fail early with a message that names them; odd texts work.
+
+The second half is property-based (hypothesis): label mapping round-trips, splits partition and
+stratify, and loaders yield every example exactly once per epoch, over random data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import sentiment_texts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmtune import DataError, DatasetAdapter, FineTuner
+from llmtune._batching import BatchLoader, Tokenized
+
+PROPERTIES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def csv_file(tmp_path, content: str | bytes, name: str = "data.csv"):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "text,label,text\nhi,a,x\nyo,b,y\n",
+            r"data.csv: the header names column\(s\) \['text'\] more than once",
+        ),
+        (
+            "great film,pos\nawful,neg\n",
+            r"no text column 'text'; the columns are \['great film', 'pos'\]\. "
+            r"If the first row is data, the file has no header row",
+        ),
+        ("text;label\nhi;a\n", r"the columns are \['text;label'\]\. .*pass sep=';'"),
+        ("text,label\nhi,a,extra\nyo,b\n", r"data.csv: malformed CSV .* check sep=','"),
+        ("text,label\nhi,a\nyo,b,extra\n", r"data.csv: malformed CSV .*Expected 2 fields in line 3, saw 3"),
+        ("text,label\nhi,a\nyo,\n", r"data.csv, column 'label', row 1: missing label \(nan\)"),
+        ('text,label\nhi,a\n"",b\n', r"data.csv, column 'text', row 1: expected text, got nan"),
+        ("", r"data.csv: the file is empty"),
+        ("text,label\n", r"data.csv: the dataset is empty"),
+    ],
+)
+def test_broken_csv_is_refused_naming_file_and_cause(tmp_path, content, message):
+    with pytest.raises(DataError, match=message):
+        DatasetAdapter.from_csv(csv_file(tmp_path, content))
+
+
+def test_non_utf8_csv_names_the_file_and_the_encoding_option(tmp_path):
+    path = csv_file(tmp_path, "text,label\nna\xefve caf\xe9,1\n".encode("cp1252"), "win.csv")
+    with pytest.raises(
+        DataError, match=r"win.csv: cannot decode as utf-8 \(.* at line 2, byte 13\); .*encoding='latin-1'"
+    ):
+        DatasetAdapter.from_csv(path)
+    assert DatasetAdapter.from_csv(path, encoding="cp1252").to_list()[0]["text"] == "naïve café"
+
+
+def test_carriage_returns_inside_texts_survive_a_pandas_round_trip(tmp_path):
+    """pandas writes a text holding a bare "\r" unquoted; in a "\n" file it is still one text."""
+    import pandas as pd
+
+    texts = ["RT a\rb", "c\r\nd", 'e, "quoted"', "f"]
+    pd.DataFrame({"text": texts, "label": ["x", "y", "x", "y"]}).to_csv(tmp_path / "t.csv", index=False)
+    assert list(DatasetAdapter.from_csv(tmp_path / "t.csv").dataset["text"]) == texts
+    crlf = csv_file(tmp_path, b"text,label\r\nhello,x\r\nbye,y\r\n", "crlf.csv")
+    assert DatasetAdapter.from_csv(crlf).to_list() == [
+        {"text": "hello", "label": 0},
+        {"text": "bye", "label": 1},
+    ]
+
+
+def test_duplicate_column_in_a_dataframe_is_refused():
+    import pandas as pd
+
+    frame = pd.DataFrame([["hi", "a", "x"]], columns=["text", "label", "label"])
+    with pytest.raises(DataError, match=r"duplicate column names \['label'\]"):
+        DatasetAdapter.from_pandas(frame)
+
+
+def test_csv_text_columns_stay_text_and_labels_keep_their_type(tmp_path):
+    """Numbers in a text column are texts; a label column of mixed values is read as strings."""
+    path = csv_file(tmp_path, "text,label\n123,1\n4.50,a\n007,2\n")
+    data = DatasetAdapter.from_csv(path)
+    assert data.dataset["text"] == ["123", "4.50", "007"]
+    assert data.labels == ["1", "2", "a"]  # pandas gives strings for a mixed column: three classes
+    bools = DatasetAdapter.from_csv(csv_file(tmp_path, "text,label\nx,True\ny,False\n", "b.csv"))
+    assert bools.labels == ["False", "True"] and bools.dataset["label"] == [1, 0]
+
+
+# -- labels ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "labels, options, message",
+    [
+        (["x", 5], {}, r"mixed label types \(row 0 is str, row 1 is int\)"),
+        ([True, 1], {}, r"mixed label types \(row 0 is bool, row 1 is int\)"),
+        ([0, float("nan")], {}, r"row 1: missing label \(nan\)"),
+        (["a", None], {"label_names": ["a", "b"]}, r"row 1: missing label \(None\)"),
+        ([0, 2], {"label_names": ["a", "b"]}, r"row 1: label id 2 is out of range for 2 labels \['a', 'b'\]"),
+        ([0, -1], {"label_names": ["a", "b"]}, r"row 1: label id -1 is out of range"),
+        (["a", "c"], {"label_names": ["a", "b"]}, r"row 1: label 'c' is not one of the labels \['a', 'b'\]"),
+        ([0.5, 1.0], {"label_names": ["a", "b"]}, r"row 0: label 0.5 is not one of the labels"),
+        ([[], []], {}, r"no label values at all"),
+        ([["a"], "b"], {"task": "multilabel"}, r"row 1: expected a list of labels, got 'b'"),
+        ([1.0, float("inf")], {}, r"row 1: regression target inf is not finite"),
+        ([{"a": 1}, {"b": 2}], {}, r"row 0: unsupported label type dict"),
+    ],
+)
+def test_bad_labels_are_refused_before_training(labels, options, message):
+    with pytest.raises(DataError, match=message):
+        DatasetAdapter.from_lists([f"t{i}" for i in range(len(labels))], labels, **options)
+
+
+def test_integer_like_labels_map_consistently():
+    assert DatasetAdapter.from_lists(["a", "b"], [0.0, 1.0], label_names=["neg", "pos"]).dataset["label"] == [
+        0,
+        1,
+    ]
+    years = DatasetAdapter.from_lists(["a", "b", "c"], [2024, 2023, 2024])
+    assert years.labels == ["2023", "2024"]  # sparse codes: two outputs, not 2025
+    assert DatasetAdapter.from_lists(["a", "b"], [1, 3]).labels == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]  # small ids keep theirs
+
+
+# -- texts -----------------------------------------------------------------------------------
+
+
+def test_empty_and_whitespace_texts_are_valid_examples(make_model, tokenizer):
+    """Documented behaviour: from lists, "" is a text (the model sees only [CLS] [SEP])."""
+    texts, labels = ["", "   ", "good", "\n\t", "bad", ""], ["pos", "neg", "pos", "neg", "neg", "pos"]
+    data = DatasetAdapter.from_lists(texts, labels)
+    assert data.tokenize(tokenizer, 32).lengths.tolist() == [2, 2, 3, 2, 3, 2]
+    model = make_model()
+    FineTuner(model, max_steps=2, batch_size=4, progress=False, precision="fp32").fit(data)
+    assert len(model.predict(["", " "])) == 2
+
+
+def test_very_long_texts_are_truncated_not_fatal(make_model, tokenizer):
+    long = "good film " * 20_000 + "bad"  # 200k characters; a pair of two took > 20 GB before
+    data = DatasetAdapter.from_lists([long, "bad", long], ["pos", "neg", "pos"], text_pairs=["x", long, long])
+    assert data.tokenize(tokenizer, 64).lengths.tolist() == [64, 64, 64]
+    model = make_model(max_length=64)
+    FineTuner(model, max_steps=1, batch_size=3, progress=False, precision="fp32").fit(data)
+    assert model.logits([long, "x" * 100_000]).shape == (2, 2)
+
+
+def test_long_pairs_tokenize_as_the_tokenizer_truncates_them(tokenizer):
+    """Cutting long pairs before tokenizing changes no token: longer first, longer second, equal."""
+    texts = [" ".join(sentiment_texts(40, seed=s)[0]) for s in range(3)]  # ~300 words each
+    firsts, seconds = [texts[0], texts[1], texts[2], "short"], [texts[1][:900], texts[0], texts[2], texts[0]]
+    data = DatasetAdapter.from_lists(firsts, [0, 1, 0, 1], text_pairs=seconds)
+    for max_length in (32, 61, 128):
+        mine = data.tokenize(tokenizer, max_length)
+        reference = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+        for i, ids in enumerate(reference["input_ids"]):
+            assert mine.input_ids[mine.offsets[i] : mine.offsets[i + 1]].tolist() == ids
+
+
+# -- properties ------------------------------------------------------------------------------
+
+label_values = st.one_of(
+    st.lists(st.text(max_size=8), min_size=1, max_size=40),
+    st.lists(st.integers(0, 120), min_size=1, max_size=40),
+    st.lists(st.integers(0, 10**6), min_size=1, max_size=40),
+    st.lists(st.booleans(), min_size=1, max_size=40),
+)
+
+
+@PROPERTIES
+@given(values=label_values, data=st.data())
+def test_label_mapping_round_trips(values, data):
+    texts = data.draw(st.lists(st.text(max_size=20), min_size=len(values), max_size=len(values)))
+    adapter = DatasetAdapter.from_lists(texts, values)
+    ids = list(adapter.dataset["label"])
+    assert [adapter.labels[i] for i in ids] == [str(v) for v in values]
+    assert list(adapter.dataset["text"]) == texts
+    assert len(adapter.labels) <= max(2 * len(set(ids)), 100)
+    # Any order of the same names, given explicitly, maps every value to its own name.
+    names = data.draw(st.permutations(adapter.labels))
+    again = DatasetAdapter.from_lists(texts, values, label_names=names)
+    assert [again.labels[i] for i in again.dataset["label"]] == [str(v) for v in values]
+
+
+@PROPERTIES
+@given(values=st.lists(st.lists(st.sampled_from("abcde"), max_size=4), min_size=1, max_size=30))
+def test_multilabel_mapping_round_trips(values):
+    if not any(values):
+        values[0] = ["a"]
+    adapter = DatasetAdapter.from_lists([f"t{i}" for i in range(len(values))], values)
+    assert adapter.task == "multilabel"
+    for hot, value in zip(adapter.dataset["label"], values):
+        assert {adapter.labels[j] for j, h in enumerate(hot) if h} == set(value)
+
+
+@PROPERTIES
+@given(
+    values=st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=2, max_size=80),
+    fraction=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**16),
+)
+def test_split_partitions_and_stratifies(values, fraction, seed):
+    data = DatasetAdapter.from_lists([f"t{i}" for i in range(len(values))], values)
+    n_val = round(fraction * len(values))
+    if not 0 < n_val < len(values):
+        with pytest.raises(DataError, match="leaves"):
+            data.split(fraction, seed=seed)
+        return
+    train, val = data.split(fraction, seed=seed)
+    texts, val_texts = list(train.dataset["text"]), list(val.dataset["text"])
+    assert len(val) == n_val and sorted(texts + val_texts) == sorted(list(data.dataset["text"]))
+    assert train.labels == val.labels == data.labels
+    counts = np.bincount(data.dataset["label"], minlength=len(data.labels))
+    val_counts = np.bincount(val.dataset["label"], minlength=len(data.labels))
+    train_counts = counts - val_counts
+    if n_val <= (counts - 1).clip(min=0).sum():  # then no class is left out of training
+        assert ((val_counts == 0) | (train_counts > 0)).all()
+    share = counts * n_val / len(values)
+    if (counts >= 2).all() and n_val <= len(values) / 2:  # no cap binds: floor or ceil of the share
+        assert (np.abs(val_counts - share) < 1).all()
+    assert val_texts == list(data.split(fraction, seed=seed)[1].dataset["text"])  # reproducible
+
+
+@PROPERTIES
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=120),
+    batch_size=st.integers(1, 17),
+    shuffle=st.booleans(),
+    group_by_length=st.booleans(),
+    seed=st.integers(0, 2**16),
+    epoch=st.integers(0, 5),
+)
+def test_loader_yields_every_example_once_per_epoch(
+    lengths, batch_size, shuffle, group_by_length, seed, epoch
+):
+    rows = [[i] * n for i, n in enumerate(lengths)]  # each token is its example's index
+    labels = np.arange(len(lengths), dtype=np.int64)
+    data = Tokenized.from_rows(rows, None, labels, pad_id=-1)
+    loader = BatchLoader(data, batch_size, shuffle=shuffle, group_by_length=group_by_length, seed=seed)
+    loader.set_epoch(epoch)
+    seen = []
+    for batch in loader:
+        assert len(batch["labels"]) <= batch_size
+        mask = batch["attention_mask"].bool()
+        assert mask.sum(1).tolist() == [lengths[i] for i in batch["labels"].tolist()]
+        assert (batch["input_ids"][mask] == batch["labels"].repeat_interleave(mask.sum(1))).all()
+        assert (batch["input_ids"][~mask] == -1).all()
+        seen += batch["labels"].tolist()
+    assert sorted(seen) == list(range(len(lengths)))
+    torch.manual_seed(seed + 1)  # the order is a pure function of (seed, epoch), not global RNG
+    assert seen == [i for b in loader.batch_indices(epoch) for i in b.tolist()]
