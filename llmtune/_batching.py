@@ -88,8 +88,8 @@ def length_grouped_order(
 class BatchLoader:
     """Iterates padded batches of a Tokenized set; one reproducible order per (seed, epoch).
 
-    With `world_size > 1` each rank takes every `world_size`-th batch of the same global
-    order, so ranks see distinct examples and together cover the epoch.
+    With `world_size > 1` each global batch of `batch_size * world_size` examples is split
+    across the ranks, so ranks see distinct examples and together cover the epoch.
     """
 
     def __init__(
@@ -119,22 +119,31 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
-        """The index batches this rank gets in `epoch` (default: the current one)."""
+    def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The index batches of all ranks together in `epoch`, each `batch_size * world_size` long.
+
+        A pure function of (seed, epoch): every rank computes the same list without talking.
+        """
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch])
-        n = len(self.data)
+        size, n = self.batch_size * self.world_size, len(self.data)
         if self.group_by_length:
-            batches = length_grouped_order(self.data.lengths, self.batch_size, rng)
+            batches = length_grouped_order(self.data.lengths, size, rng)
         else:
             order = rng.permutation(n) if self.shuffle else np.arange(n)
-            batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        if self.world_size > 1:
-            usable = len(batches) - len(batches) % self.world_size
-            batches = batches[self.rank : usable : self.world_size]
-        return batches
+            batches = [order[i : i + size] for i in range(0, n, size)]
+        # A batch too short to give every rank an example would leave a rank idle (and hang DDP).
+        short = size if self.drop_last else self.world_size
+        return [b for b in batches if len(b) >= short]
+
+    def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's share of each global batch: contiguous slices, as even as possible.
+
+        With one process this is just the global batches; with W ranks of batch B, step j
+        of the W ranks together covers exactly the batch j that one process with batch W*B
+        would take, so data-parallel training sees the same data order.
+        """
+        return [np.array_split(b, self.world_size)[self.rank] for b in self.global_batches(epoch)]
 
     def __len__(self) -> int:
         return len(self.batch_indices())

@@ -64,7 +64,7 @@ def test_subclass_is_a_drop_in_objective():
 
         def __call__(self, logits, targets):
             logp = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-            return (-(1 - logp.exp()) ** 2 * logp).mean()
+            return (-((1 - logp.exp()) ** 2) * logp).mean()
 
         def metrics(self):
             return {"accuracy": M.accuracy}
