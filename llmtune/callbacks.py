@@ -151,6 +151,8 @@ class ProgressBar(Callback):
         self.bar: Any = None
 
     def on_epoch_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        if not tuner.is_main:  # one bar per run, not one per data-parallel rank
+            return
         from tqdm.auto import tqdm
 
         self.bar = tqdm(
@@ -161,6 +163,8 @@ class ProgressBar(Callback):
     def on_step_end(
         self, tuner: FineTuner, state: TrainState, *, loss: torch.Tensor, examples: int, **kwargs: Any
     ) -> None:
+        if self.bar is None:
+            return
         self.examples += examples
         self.bar.update(1)
         if state.step % self.refresh == 0:
@@ -168,7 +172,10 @@ class ProgressBar(Callback):
             self.bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.1f}", refresh=False)
 
     def on_epoch_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        if self.bar is None:
+            return
         self.bar.close()
+        self.bar = None
         from tqdm.auto import tqdm
 
         record = state.history.records[-1]
@@ -187,10 +194,14 @@ class HistoryLogger(Callback):
         self.path = Path(path)
 
     def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        if not tuner.is_main:  # data-parallel ranks hold the same history; rank 0 writes it
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run rewrites the records it already has, so the file matches the history.
         self.path.write_text("".join(json.dumps(r) + "\n" for r in state.history.records))
 
     def on_epoch_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        if not tuner.is_main:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(state.history.records[-1]) + "\n")

@@ -160,7 +160,8 @@ def tuner_settings(tuner: FineTuner) -> dict[str, Any]:
     settings = {
         "epochs": tuner.epochs,
         "max_steps": tuner.max_steps,
-        "batch_size": tuner.batch_size,
+        # Examples per step over all data-parallel ranks: B on 2 ranks continues as 2B on one.
+        "batch_size": tuner.batch_size * tuner.dist.world_size,
         "grad_accum": tuner.grad_accum,
         "max_grad_norm": tuner.max_grad_norm,
         "precision": str(tuner.dtype),

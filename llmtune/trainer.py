@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _runtime, checkpoint
+from . import _guard, _runtime, checkpoint, distributed
 from ._batching import BatchLoader
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar
 from .data import DatasetAdapter
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError
 from .objectives import Objective
 from .optim import OptimizerFactory
 from .tuning import FeatureLoader, encoder_frozen
@@ -180,6 +180,12 @@ class FineTuner:
         if keep_best and not any(isinstance(c, KeepBest) for c in self.callbacks):
             self.callbacks.append(KeepBest())
         self.state = TrainState()
+        self.dist = distributed.DistributedContext()
+
+    @property
+    def is_main(self) -> bool:
+        """False on every data-parallel rank but 0; those print and write nothing."""
+        return self.dist.is_main
 
     def emit(self, event: str, state: TrainState, **kwargs: Any) -> None:
         """Call `event` on every callback, in order."""
@@ -228,6 +234,8 @@ class FineTuner:
             TrainingError: a non-finite loss or gradient norm (with `nonfinite="raise"`).
         """
         self.check_data(train, validation)
+        # Under torchrun: join the process group; batch_size is then per rank (as in DDP).
+        self.dist, self.device = distributed.setup(self.device)
         model = self.model.to(self.device)
         _runtime.seed_everything(self.seed)
         loader = train.loader(
@@ -237,6 +245,8 @@ class FineTuner:
             shuffle=True,
             group_by_length=self.group_by_length,
             seed=self.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         loader = self.cache_features(loader)
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
@@ -260,6 +270,7 @@ class FineTuner:
         self.emit("on_fit_start", state, train=train, validation=validation)
         if resumed is not None:
             resumed.restore_callbacks_and_rng(self)
+        net, world = self.dist.wrap(model, self.device), self.dist.world_size
 
         for epoch in range(state.epoch, epochs):
             if state.step >= total_steps or state.should_stop:
@@ -270,19 +281,22 @@ class FineTuner:
             self.emit("on_epoch_start", state)
             # A resumed run continues inside its epoch: the batch order is fixed by (seed, epoch).
             for window in _windows(itertools.islice(loader, state.batches_done, None), self.grad_accum):
-                n = sum(len(batch["labels"]) for batch in window)
+                n = self.dist.total(sum(len(batch["labels"]) for batch in window))  # all ranks
                 step_loss, losses = torch.zeros((), device=self.device), []
-                for batch in window:
+                for i, batch in enumerate(window):
                     batch = _runtime.to_device(batch, self.device)
-                    with _runtime.autocast(self.device, self.dtype):
-                        logits = model(**batch)
-                    loss = self.objective(logits, batch["labels"]) * (len(batch["labels"]) / n)
-                    scaler.scale(loss).backward()
+                    with self.dist.no_sync(net, sync=i == len(window) - 1):
+                        with _runtime.autocast(self.device, self.dtype):
+                            logits = net(**batch)
+                        # Each example weighs 1/n, so the step's gradient is that of one batch of all
+                        # n examples; DDP averages over ranks, hence the factor `world`.
+                        loss = self.objective(logits, batch["labels"]) * (len(batch["labels"]) * world / n)
+                        scaler.scale(loss).backward()
                     step_loss += loss.detach()
                     losses.append(loss.detach())
-                grad_norm = self.grad_norm(params, optimizer, scaler)
+                grad_norm = _guard.grad_norm(params, optimizer, scaler)
                 state.batches_done += len(window)
-                if not self.check_finite(state, losses, grad_norm, scaler, len(window)):
+                if not _guard.check_finite(self, state, losses, grad_norm, scaler, len(window)):
                     optimizer.zero_grad(set_to_none=True)
                     scaler.update()  # an fp16 scaler also lowers its scale here
                     continue
@@ -294,7 +308,7 @@ class FineTuner:
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.examples_seen += n
-                state.epoch_loss += step_loss * n
+                state.epoch_loss += step_loss * n / world  # this rank's share of the loss sum
                 state.epoch_examples += n
                 tokens = sum(int(b["attention_mask"].sum()) for b in window if "attention_mask" in b)
                 self.emit("on_step_end", state, loss=step_loss, examples=n, tokens=tokens)
@@ -304,7 +318,7 @@ class FineTuner:
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": state.step,
-                "train_loss": (state.epoch_loss / state.epoch_examples).item(),
+                "train_loss": (self.dist.sum(state.epoch_loss) / state.epoch_examples).item(),
             }
             if self.nonfinite == "skip":
                 record["skipped_steps"] = state.epoch_skipped
@@ -318,53 +332,6 @@ class FineTuner:
             state.next_epoch()
         self.emit("on_fit_end", state)
         return state.history
-
-    def grad_norm(
-        self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
-    ) -> torch.Tensor:
-        """The total gradient norm (after fp16 unscaling): for clipping and the finite check."""
-        scaler.unscale_(optimizer)  # a no-op unless fp16 scaling is on
-        # What clip_grad_norm_ computes first; taken apart so a bad gradient is seen before clipping.
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-
-    def check_finite(
-        self,
-        state: TrainState,
-        losses: list[torch.Tensor],
-        grad_norm: torch.Tensor,
-        scaler: torch.amp.GradScaler,
-        batches: int,
-    ) -> bool:
-        """True if the step's loss and gradient norm are finite; else raise, or False to skip.
-
-        The loop's one host sync per optimizer step (the loss is otherwise read only every few
-        steps): cheap next to backward, and it keeps NaN out of the weights and checkpoints.
-        With fp16 the grad scaler skips inf-gradient steps itself, so only the loss counts.
-        """
-        finite = torch.isfinite(torch.stack(losses)).all()
-        if not scaler.is_enabled():
-            finite &= torch.isfinite(grad_norm)
-        if finite.item():
-            return True
-        first, last = state.batches_done - batches, state.batches_done - 1
-        bad = [first + i for i, loss in enumerate(losses) if not torch.isfinite(loss)]
-        named = self.model.named_parameters()
-        grads = [n for n, p in named if p.grad is not None and not p.grad.isfinite().all()]
-        what = f"loss in batch index {bad[0]}" if bad else f"gradient of {grads[:1]} (norm {grad_norm:g})"
-        where = f"batch index {first}" if first == last else f"batch indices {first}-{last}"
-        message = (
-            f"non-finite {what} at step {state.step + 1} (epoch {state.epoch + 1}, {where} of the epoch's "
-            f"{state.batches_per_epoch}); the weights were not updated."
-        )
-        if self.nonfinite == "raise":
-            raise TrainingError(
-                f"{message} Lower the learning rate, check the data for extreme values, or pass "
-                "FineTuner(nonfinite='skip') to skip such steps."
-            )
-        logger.warning("skipped: %s", message)
-        state.epoch_skipped += 1
-        state.skipped += 1
-        return False
 
     def cache_features(self, loader: BatchLoader) -> BatchLoader | FeatureLoader:
         """On a frozen encoder (e.g. `HeadOnly`), run it once per example and train on its features.
@@ -383,8 +350,11 @@ class FineTuner:
         """Raw model outputs (logits) for every example, in data order, shape (N, num_labels)."""
         model = self.model.to(self.device)
         tokenized = data.tokenize(model.tokenizer, model.max_length)
+        # Data-parallel ranks each run a share of the examples and exchange the outputs.
+        mine = np.arange(len(tokenized))[self.dist.rank :: self.dist.world_size]
         with _runtime.autocast(self.device, self.dtype):
-            return model.outputs(tokenized, self.eval_batch_size)
+            rows = model.outputs(tokenized, self.eval_batch_size, indices=mine)
+        return self.dist.gather_rows(rows, mine, len(tokenized))
 
     def evaluate(self, data: DatasetAdapter) -> dict[str, float]:
         """Loss and metrics over all of `data` (eval mode, no gradients)."""

@@ -1,0 +1,79 @@
+"""Data parallel for real: two gloo processes under torchrun against one process with twice the batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_encoder
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
+
+
+@pytest.fixture(scope="module")
+def no_dropout_dir(tmp_path_factory, tokenizer):
+    # Dropout masks depend on each process's RNG stream, so equality needs it off.
+    path = tmp_path_factory.mktemp("ddp") / "tiny-bert"
+    tiny_encoder(tokenizer, dropout=0.0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(model_dir: Path, out: Path, *args: str, procs: int = 1) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    cmd = [*launcher, str(SCRIPT), str(model_dir), str(out), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = load_file(a / "weights.safetensors"), load_file(b / "weights.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        diff = (wa[key] - wb[key]).abs().max().item()
+        assert diff <= atol, f"{key}: max difference {diff:.2e} > {atol:.0e}"
+
+
+def test_ddp_equals_one_process_with_twice_the_batch(no_dropout_dir, tmp_path):
+    ddp = run(no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", "--grad-accum", "2", procs=2)
+    single = run(no_dropout_dir, tmp_path / "single", "--batch-size", "8", "--grad-accum", "2")
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single")
+    for key, value in single["metrics"].items():
+        assert ddp["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    for a, b in zip(ddp["history"], single["history"], strict=True):
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a)
+    assert not (tmp_path / "ddp" / "weights.safetensors.rank1").exists()  # rank 0 alone writes
+
+
+def test_checkpoints_cross_between_ddp_and_one_process(no_dropout_dir, tmp_path):
+    # Both runs save every 3 steps; each resumes from the other's step 3 and must end where an
+    # unbroken run ends (the DDP run itself equals the single-process one).
+    run(no_dropout_dir, tmp_path / "single", "--batch-size", "8")
+    run(no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", procs=2)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single")
+    step3 = "ckpt/step-00000003"
+    run(
+        no_dropout_dir, tmp_path / "to_single", "--batch-size", "8", "--resume", str(tmp_path / "ddp" / step3)
+    )
+    assert_same_weights(tmp_path / "to_single", tmp_path / "single")
+    from_single = str(tmp_path / "single" / step3)
+    run(no_dropout_dir, tmp_path / "to_ddp", "--batch-size", "4", "--resume", from_single, procs=2)
+    assert_same_weights(tmp_path / "to_ddp", tmp_path / "single")
+
+
+@pytest.mark.parametrize("tuning", ["head", "lora"])
+def test_head_only_and_lora_under_ddp(no_dropout_dir, tmp_path, tuning):
+    ddp = run(no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", "--tuning", tuning, procs=2)
+    single = run(no_dropout_dir, tmp_path / "single", "--batch-size", "8", "--tuning", tuning)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single")
+    assert ddp["metrics"]["accuracy"] == pytest.approx(single["metrics"]["accuracy"])
