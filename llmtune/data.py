@@ -6,15 +6,17 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 
 from . import _labels
 from ._batching import BatchLoader, Tokenized
 from ._labels import Task
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import datasets  # imported where used: it pulls in pandas and pyarrow (~0.5 s)
 
 __all__ = ["DatasetAdapter"]
 
@@ -127,6 +129,8 @@ class DatasetAdapter:
     ) -> None:
         if task != "auto" and task not in _labels.TASKS:
             raise ConfigError(f"task must be 'auto' or one of {_labels.TASKS}, got {task!r}")
+        import datasets
+
         is_hf = isinstance(dataset, datasets.Dataset)
         present = list(dataset.column_names if is_hf else dataset)
         for role, column in (("text", text), ("text_pair", text_pair), ("label", label)):
@@ -173,6 +177,8 @@ class DatasetAdapter:
 
         The splits of a DatasetDict share the label mapping of "train" (or the first split).
         """
+        import datasets
+
         if isinstance(dataset, datasets.DatasetDict):
             names = list(dataset)
             first = "train" if "train" in dataset else names[0]

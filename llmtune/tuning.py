@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from torch import nn
 
 from . import _runtime
 from .errors import ConfigError
+from .optim import layer_depth
 
 if TYPE_CHECKING:
     from ._batching import BatchLoader
@@ -39,8 +39,6 @@ __all__ = [
 
 logger = logging.getLogger("llmtune")
 
-# The same layer-index pattern OptimizerFactory uses for layer-wise LR decay.
-_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 PEFT_MISSING = "LoRA needs the peft package, an optional extra: pip install llmtune[peft]"
 
 
@@ -182,10 +180,8 @@ class TopLayers(TuningStrategy):
         return super().apply(model)
 
     def trains(self, name: str, num_layers: int) -> bool:
-        match = _LAYER.search(name)
-        if match:
-            return int(match.group(1)) >= num_layers - self.k
-        return "embed" not in name  # a final norm above the layers trains; embeddings do not
+        # Layer i has depth i + 1; a final norm above the layers trains, embeddings do not.
+        return layer_depth(name, num_layers) > num_layers - self.k
 
 
 @dataclass(frozen=True)

@@ -83,3 +83,29 @@ def test_optimizer_kinds_and_validation():
     for bad in ({"name": "lion"}, {"schedule": "step"}, {"lr": 0}, {"warmup": 1.5}, {"layer_decay": 2.0}):
         with pytest.raises(ConfigError):
             OptimizerFactory(**bad)
+
+
+def test_adam_is_fused_by_default_and_updates_like_the_for_loop(make_model):
+    model = make_model()
+    fused, _ = OptimizerFactory.adamw(lr=1e-3).build(model, 10)
+    assert fused.defaults["fused"] is True
+    looped, _ = OptimizerFactory.adamw(lr=1e-3, options={"foreach": False}).build(model, 10)
+    assert not looped.defaults.get("fused") and looped.defaults["foreach"] is False
+    assert not OptimizerFactory.sgd().build(model, 10)[0].defaults.get("fused")
+
+    # Same update rule: three steps from the same start end at the same weights (rounding aside).
+    torch.manual_seed(0)
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+    results = []
+    for options in ({}, {"foreach": False}):
+        copy = make_model()
+        copy.load_state_dict(model.state_dict())
+        optimizer, _ = OptimizerFactory.adamw(lr=1e-3, weight_decay=0.1, options=options).build(copy, 10)
+        for step in grads:
+            for p, g in zip(copy.parameters(), step):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append(copy.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(results[0]["head.weight"], model.state_dict()["head.weight"])
