@@ -88,10 +88,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Reload on top of the base encoder recorded in the folder, then merge for plain inference.
     reloaded = ClassifierModel.from_pretrained(out, **extra)
-    expected = model.logits(SENTENCES)
-    print(f"reloaded: max |logit difference| {np.abs(reloaded.logits(SENTENCES) - expected).max():.1e}")
+    # fp32 for the comparison: bf16 autocast would blur differences of ~1e-6 into ~1e-2.
+    expected = model.logits(SENTENCES, precision="fp32")
+    gap = np.abs(reloaded.logits(SENTENCES, precision="fp32") - expected).max()
+    print(f"reloaded: max |logit difference| {gap:.1e}")
     merged = reloaded.merge()
-    print(f"merged:   max |logit difference| {np.abs(merged.logits(SENTENCES) - expected).max():.1e}")
+    gap = np.abs(merged.logits(SENTENCES, precision="fp32") - expected).max()
+    print(f"merged:   max |logit difference| {gap:.1e}")
     for sentence, label in zip(SENTENCES, merged.predict(SENTENCES)):
         print(f"{label:>9}  {sentence}")
     return result

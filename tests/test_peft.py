@@ -277,7 +277,7 @@ def test_merge_keeps_logits_and_saves_full_model(model_dir, tmp_path):
     model = ClassifierModel.from_pretrained(model_dir, labels=["neg", "pos"]).tune(LoRA(r=4))
     _perturb_adapters(model)
     texts = sentiment_texts(20)[0]
-    expected = model.logits(texts)
+    expected = model.logits(texts, precision="fp32")
     with pytest.raises(ConfigError, match="merge"):
         model.tune(BitFit())
     assert model.merge() is model
@@ -285,11 +285,11 @@ def test_merge_keeps_logits_and_saves_full_model(model_dir, tmp_path):
     assert count_parameters(model) == count_parameters(
         ClassifierModel.from_pretrained(model_dir, labels=[0, 1])
     )
-    torch.testing.assert_close(model.logits(texts), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.logits(texts, precision="fp32"), expected, rtol=0, atol=1e-5)
     model.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     reloaded = ClassifierModel.from_pretrained(tmp_path / "merged")
-    torch.testing.assert_close(reloaded.logits(texts), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reloaded.logits(texts, precision="fp32"), expected, rtol=0, atol=1e-5)
     with pytest.raises(ConfigError, match="no LoRA adapters"):
         model.merge()
 
