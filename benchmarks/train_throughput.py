@@ -5,12 +5,13 @@ learning rate and thread count. Each contender trains in a fresh Python process,
 RSS is its own. Two data sets: real tweets (short) and a synthetic set with a long-tailed
 length distribution (most texts ~15 words, a few up to max_length). Run from the repo root:
 
-    python benchmarks/train_throughput.py            # 2 x 2,048 examples: ~6 min on 2 free cores
+    python benchmarks/train_throughput.py            # 2 x 2,048 examples: ~7 min on 2 free cores
     python benchmarks/train_throughput.py --quick    # 2-layer encoder, 400 examples: ~1 min
     python benchmarks/train_throughput.py --variants llmtune,llmtune-fp32,llmtune-fused  # ablations
 
 Contenders (`--variants`): llmtune (FineTuner defaults: length-grouped batches, bf16 autocast
-where the CPU runs bf16 natively, head LR 1e-3), hf-default (Trainer defaults,
+where the CPU runs bf16 natively, head LR 1e-3, CPU fast paths), llmtune-nofast (the same with
+`fast_cpu=False`: torch's own dropout and embedding-gradient kernels), hf-default (Trainer defaults,
 DataCollatorWithPadding), hf-best (Trainer + train_sampling_strategy="group_by_length" + bf16);
 ablations: llmtune-fp32, llmtune-nogroup, llmtune-loop (for-loop AdamW), llmtune-foreach,
 llmtune-noguard, llmtune-longfirst, llmtune-pad32, llmtune-compile, hf-group, hf-bf16.
@@ -41,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # see benchmarks/peft.py
 sys.path.append(str(HERE.parent / "examples"))  # the example's tweet loader and encoder path
 
-MAIN = ("llmtune", "hf-default", "hf-best")
+MAIN = ("llmtune", "llmtune-nofast", "hf-default", "hf-best")
 SETS = ("tweets", "longtail")
 
 
@@ -165,6 +166,7 @@ def run_llmtune(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         progress=False,
         keep_best=False,
         group_by_length=variant != "llmtune-nogroup",
+        fast_cpu=variant != "llmtune-nofast",  # torch's own dropout and embedding-gradient kernels
     )
     train.tokenize(model.tokenizer, model.max_length)  # both sides tokenize before the clock starts
     shapes = ShapeLog(model)

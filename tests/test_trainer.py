@@ -49,7 +49,7 @@ def test_net_learns(make_model, sentiment):
     assert len(history) == 6 and history["epoch"] == [1, 2, 3, 4, 5, 6]
 
 
-def _one_step(model, data, batch_size, grad_accum):
+def _one_step(model, data, batch_size, grad_accum, max_grad_norm=None):
     tuner = FineTuner(
         model,
         optimizer=OptimizerFactory.sgd(lr=0.1, momentum=0.0, head_lr=None),
@@ -60,7 +60,7 @@ def _one_step(model, data, batch_size, grad_accum):
         progress=False,
         keep_best=False,
         group_by_length=False,
-        max_grad_norm=None,
+        max_grad_norm=max_grad_norm,
     )
     tuner.fit(data)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -78,6 +78,24 @@ def test_grad_accumulation_equals_one_big_batch(make_model):
     assert changed, "one step of SGD must move the weights"
     for key in big:
         torch.testing.assert_close(small[key], big[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [0.1, 10.0])
+def test_clipping_scales_a_large_gradient_and_leaves_a_small_one(make_model, factor):
+    texts, labels = sentiment_texts(8)
+    data = DatasetAdapter.from_lists(texts, labels)
+    model = make_model(dropout=0.0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    free = _one_step(model, data, batch_size=8, grad_accum=1)
+    update = {k: free[k] - start[k] for k in start}  # -lr * gradient, lr = 0.1
+    norm = torch.linalg.vector_norm(torch.stack([u.norm() for u in update.values()])).item() / 0.1
+    model.load_state_dict(start)
+    clipped = _one_step(model, data, batch_size=8, grad_accum=1, max_grad_norm=factor * norm)
+    if factor > 1:  # under the limit the weights move exactly as without clipping
+        assert all(torch.equal(clipped[k], free[k]) for k in start)
+    coef = min(1.0, factor * norm / (norm + 1e-6))
+    for key in start:
+        torch.testing.assert_close(clipped[key], start[key] + coef * update[key], rtol=1e-4, atol=1e-7)
 
 
 class Recorder(Callback):

@@ -1,0 +1,162 @@
+"""The CPU fast paths keep the maths: dropout's distribution and scale, attention, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import sentiment_texts
+
+from llmtune import DatasetAdapter, FineTuner, OptimizerFactory
+from llmtune._cpu_fast import ATTENTION, Dropout, FastPaths, attention_forward, drop, keep_mask
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_keeps_one_minus_p(p):
+    n = 1_000_001  # not a multiple of 4: the last 64-bit draw is partly used
+    mask = keep_mask((n,), p)
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    # Five standard deviations of a binomial proportion.
+    assert abs(mask.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_keep_mask_is_reproducible_and_its_quarters_uncorrelated():
+    torch.manual_seed(3)
+    a = keep_mask((4, 1001), 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, keep_mask((4, 1001), 0.5))
+    # Each 64-bit draw feeds four neighbouring elements; none may echo another.
+    quarters = keep_mask((400_000,), 0.5).view(-1, 4).float()
+    correlation = torch.corrcoef(quarters.T) - torch.eye(4)
+    assert correlation.abs().max() < 0.02
+
+
+def test_drop_scales_kept_and_zeroes_dropped_with_matching_gradient():
+    x = torch.rand(64, 33, dtype=torch.float64) + 0.5
+    x.requires_grad_()
+    y = drop(x, 0.25)
+    kept = y != 0
+    assert 0.6 < kept.double().mean() < 0.9
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.double() / 0.75)
+
+
+def test_dropout_module_is_identity_in_eval_and_like_nn_dropout_in_training():
+    x = torch.randn(8, 16)
+    module = Dropout(0.3)
+    assert torch.equal(module.eval()(x), x)
+    out = module.train()(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.7)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def _qkv_mask(dtype=torch.float64):
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=dtype) for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False  # the second sequence has two padding positions
+    return q, k, v, mask
+
+
+class _Layer(torch.nn.Module):
+    is_causal = False
+
+
+def test_attention_with_dropout_equals_the_formula_with_the_same_mask():
+    q, k, v, mask = _qkv_mask()
+    torch.manual_seed(5)
+    out, _ = attention_forward(_Layer(), q, k, v, mask, dropout=0.2, scaling=0.5)
+    torch.manual_seed(5)
+    keep = keep_mask((2, 3, 5, 5), 0.2).double() / 0.8
+    scores = (q @ k.transpose(-1, -2) * 0.5).masked_fill(~mask, -math.inf)
+    reference = (torch.softmax(scores, -1) * keep) @ v  # (B, H, L, E)
+    torch.testing.assert_close(out, reference.transpose(1, 2))
+
+
+def test_attention_without_dropout_is_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v, mask = _qkv_mask()
+    out, _ = attention_forward(_Layer(), q, k, v, mask, dropout=0.0)
+    expected, _ = sdpa_attention_forward(_Layer(), q, k, v, mask, dropout=0.0)
+    assert torch.equal(out, expected)
+
+
+def test_fast_paths_install_and_undo(make_model):
+    model = make_model()
+    originals = [m for m in model.modules() if type(m) is torch.nn.Dropout]
+    embedding = model.encoder.get_input_embeddings()
+    with pytest.raises(RuntimeError, match="boom"), FastPaths(model):
+        assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+        assert sum(isinstance(m, Dropout) for m in model.modules()) == len(originals)
+        assert model.encoder.config._attn_implementation == ATTENTION
+        assert embedding.sparse
+        raise RuntimeError("boom")
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] == originals
+    assert model.encoder.config._attn_implementation == "sdpa"
+    assert not embedding.sparse
+
+
+def test_fast_paths_leave_other_attention_alone(make_model):
+    model = make_model()
+    model.encoder.set_attn_implementation("eager")
+    with FastPaths(model, sparse_embedding=False):
+        assert model.encoder.config._attn_implementation == "eager"
+        assert not model.encoder.get_input_embeddings().sparse
+    assert model.encoder.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fast_training_equals_torch_kernels_without_dropout(make_model, grad_accum):
+    """With dropout off the fast paths differ only in the embedding gradient's route."""
+    texts, labels = sentiment_texts(48)
+    data = DatasetAdapter.from_lists(texts, labels)
+    model = make_model(dropout=0.0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {}
+    for fast in (False, True):
+        model.load_state_dict(start)
+        tuner = FineTuner(
+            model,
+            optimizer=OptimizerFactory.adamw(lr=1e-3, weight_decay=0.01),
+            epochs=1,
+            batch_size=8,
+            grad_accum=grad_accum,
+            precision="fp32",
+            progress=False,
+            keep_best=False,
+            fast_cpu=fast,
+        )
+        tuner.fit(data)
+        weights[fast] = {k: v.clone() for k, v in model.state_dict().items()}
+    word = "encoder.embeddings.word_embeddings.weight"
+    assert not torch.equal(weights[True][word], start[word]), "the word embeddings must train"
+    for key in start:
+        torch.testing.assert_close(weights[True][key], weights[False][key], rtol=1e-5, atol=1e-6)
+    assert model.encoder.get_input_embeddings().weight.grad is None  # freed, not left sparse
+
+
+def test_fast_training_with_dropout_learns_and_is_reproducible(make_model):
+    """`test_net_learns` (fast paths on by default) shows learning; here the run repeats exactly."""
+    texts, labels = sentiment_texts(240)
+    data = DatasetAdapter.from_lists(texts, labels)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = make_model(dropout=0.1)
+        tuner = FineTuner(
+            model,
+            optimizer=OptimizerFactory.adamw(lr=3e-3),
+            epochs=6,
+            batch_size=16,
+            progress=False,
+            keep_best=False,
+        )
+        history = tuner.fit(data)
+        results.append((history.train_loss, model.state_dict()["head.weight"].clone()))
+    (losses, head), (losses2, head2) = results
+    assert losses[-1] < 0.5 * losses[0]
+    assert losses == losses2 and torch.equal(head, head2)
