@@ -1,7 +1,7 @@
-"""Checkpoints: atomic save, safe load and exact resume of a FineTuner run, and the Checkpoint callback.
+"""Checkpoints: what one holds, saving and safe loading, and the Checkpoint callback.
 
-A checkpoint is a directory written whole or not at all: its files go into a hidden temporary
-directory beside the target, are fsync'd, and the directory is renamed into place.
+A checkpoint is a directory written whole or not at all (`_atomic.write_atomically`).
+`FineTuner.fit(resume_from=...)` continues a run from one (`_resume.resume_run`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from . import _atomic
 from .callbacks import Callback, _Monitor
 from .errors import CheckpointError, TrainingError
 
@@ -59,60 +59,10 @@ FILES = (
 )
 BEST_FILE = "best.json"
 _NAME = re.compile(r"^step-(\d+)$")
-_TMP = ".tmp-"  # in-progress saves; never matched as checkpoints, removed by the next run
-_TRASH = ".trash-"  # checkpoints being deleted: renamed first, so a half-deleted one never looks whole
 # Settings that fix the data order: with others the stored position means nothing.
 _ORDER_SETTINGS = ("batch_size", "grad_accum", "seed", "group_by_length")
 # Fields of llmtune's own callbacks that change during a run (KeepBest, EarlyStopping).
 _TRACKED = ("best", "best_epoch", "bad_epochs", "weights")
-
-
-# -- files, atomically ------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():  # Windows cannot open directories; NTFS journals renames
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    trash = path.with_name(f"{_TRASH}{path.name}-{os.getpid()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def write_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Make directory `target` with `write(tmp_dir)`, all or nothing.
-
-    The files go into a hidden sibling directory, are fsync'd with it, and the directory is
-    renamed to `target` (an existing `target` is replaced) and the parent fsync'd. A crash at
-    any moment leaves either the old state or the complete new directory, plus perhaps a
-    `.tmp-*` directory that `Checkpoint` removes when the next run starts.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{_TMP}{target.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        if target.exists():  # the same step saved again (e.g. a resumed run): the new one wins
-            _remove(target)
-        os.rename(tmp, target)
-        _fsync(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -300,7 +250,7 @@ def save_checkpoint(
         }
         _write_json(tmp / CONFIG_FILE, config)
 
-    return write_atomically(path, write)
+    return _atomic.write_atomically(path, write)
 
 
 # -- finding checkpoints -------------------------------------------------------------------
@@ -399,104 +349,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@dataclass
-class Resumed:
-    """What a resumed run restores after `on_fit_start` (which resets callbacks): callbacks, RNG."""
-
-    path: Path
-    callbacks: list[dict[str, Any]]
-    rng: dict[str, Any]
-
-    def restore_callbacks_and_rng(self, tuner: FineTuner) -> None:
-        """Put the callbacks' state and every RNG back; the last thing before the loop."""
-        saved = [(c["class"], c["state"]) for c in self.callbacks]
-        current = [type(c).__name__ for c in tuner.callbacks]
-        if [name for name, _ in saved] != current:
-            logger.warning(
-                "the callbacks differ from the checkpoint's (%s vs %s); restoring those that match",
-                [name for name, _ in saved],
-                current,
-            )
-        for callback, (name, state) in zip(tuner.callbacks, saved):
-            if type(callback).__name__ == name:
-                _load_callback_state(callback, state)
-        _set_rng_state(self.rng)
-
-
-def _resolve(tuner: FineTuner, resume_from: str | os.PathLike) -> Path | None:
-    if str(resume_from) != "latest":
-        return _complete(Path(resume_from))
-    owners = [c for c in tuner.callbacks if isinstance(c, Checkpoint)]
-    if not owners:
-        raise CheckpointError(
-            "resume_from='latest' looks in the Checkpoint callback's directory, but the FineTuner "
-            "has no Checkpoint callback; add one or pass a checkpoint directory."
-        )
-    path = latest_checkpoint(owners[0].directory)
-    if path is None:
-        logger.warning("no checkpoint in %s yet: starting from scratch", owners[0].directory)
-    return path
-
-
-def resume_run(tuner: FineTuner, resume_from: str | os.PathLike, train: Any) -> Resumed | None:
-    """Load model, optimizer, scheduler, scaler, counters and history into `tuner.state`.
-
-    `resume_from` is a checkpoint directory or "latest" (the newest complete checkpoint of
-    the tuner's `Checkpoint` callback; None when there is none yet: a fresh start).
-
-    Raises:
-        CheckpointError: damaged or incomplete checkpoint, or one from a different model,
-            label set, training data or data order (batch size, seed, ...).
-    """
-    path = _resolve(tuner, resume_from)
-    if path is None:
-        return None
-    _check_model(path, tuner.model)
-    config = _read_json(path / CONFIG_FILE)
-    saved_data, data = config.get("data"), data_fingerprint(train)
-    if saved_data is not None and saved_data != data:
-        raise CheckpointError(
-            f"{path} was written for different training data ({saved_data['examples']} examples, "
-            f"hash {saved_data.get('sha256')}; now {data['examples']}, {data.get('sha256')}). "
-            "Resume with the same data, or start a new run from its weights with load_weights()."
-        )
-    settings = tuner_settings(tuner)
-    order = [d for k in _ORDER_SETTINGS for d in _differences(config["settings"].get(k), settings[k], k)]
-    if order:
-        raise CheckpointError(
-            f"{path}: {'; '.join(order)}. These fix the data order, so the run cannot continue "
-            "where it stopped; use the checkpoint's settings or start a new run with load_weights()."
-        )
-    changed = _differences(config["settings"], settings)
-    if changed:
-        logger.warning("resuming from %s with changed settings: %s", path, "; ".join(changed))
-    load_weights(tuner.model, path)
-    state, device = tuner.state, tuner.device
-    try:
-        state.optimizer.load_state_dict(_torch_load(path / OPTIMIZER_FILE, device))
-        state.scheduler.load_state_dict(_torch_load(path / SCHEDULER_FILE, device))
-        state.scaler.load_state_dict(_torch_load(path / SCALER_FILE, device))
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{path}: the optimizer state does not fit ({err}); were other parameters trainable?"
-        ) from None
-    record = _read_json(path / STATE_FILE)
-    if record["batches_per_epoch"] != state.batches_per_epoch:
-        raise CheckpointError(
-            f"{path}: {record['batches_per_epoch']} batches per epoch in the checkpoint, "
-            f"{state.batches_per_epoch} now; resume with the same data and batch size."
-        )
-    for key in ("step", "epoch", "batches_done", "examples_seen", "skipped", "should_stop", "metrics"):
-        setattr(state, key, record[key])
-    state.epoch_examples, state.epoch_skipped = record["epoch_examples"], record["epoch_skipped"]
-    state.epoch_loss = torch.tensor(record["epoch_loss_sum"], dtype=torch.float32, device=device)
-    state.history.records = record["history"]
-    logger.info(
-        "resuming from %s: step %d, epoch %d, batch %d", path, state.step, state.epoch + 1, state.batches_done
-    )
-    return Resumed(path, _torch_load(path / CALLBACKS_FILE, "cpu"), _torch_load(path / RNG_FILE, "cpu"))
-
-
 # -- the callback --------------------------------------------------------------------------
 
 
@@ -562,7 +414,7 @@ class Checkpoint(Callback):
     def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
         """kwargs: `train`, the training data, whose fingerprint each checkpoint records."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.directory.glob(f"{_TMP}*"), *self.directory.glob(f"{_TRASH}*")]:
+        for stale in [*self.directory.glob(f"{_atomic.TMP}*"), *self.directory.glob(f"{_atomic.TRASH}*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving or pruning
         ahead = [p for p in list_checkpoints(self.directory) if int(p.name.split("-")[1]) > state.step]
         if ahead:
@@ -615,7 +467,7 @@ class Checkpoint(Callback):
         if self._improved:
             assert self.best is not None
             marker = {"checkpoint": path.name, "monitor": self.best.monitor, "value": self.best.best}
-            write_file_atomically(self.directory / BEST_FILE, json.dumps(marker))
+            _atomic.write_file_atomically(self.directory / BEST_FILE, json.dumps(marker))
         self._prune()
         return path
 
@@ -624,15 +476,4 @@ class Checkpoint(Callback):
         keep = set(found if self.keep_last is None else found[-self.keep_last :])
         for path in found:
             if path not in keep and path != self.best_path:
-                _remove(path)
-
-
-def write_file_atomically(path: Path, text: str) -> None:
-    """Replace a small text file so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f"{_TMP}{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+                _atomic.remove(path)

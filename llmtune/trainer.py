@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _cpu_fast, _guard, _runtime, checkpoint, distributed
+from . import _cpu_fast, _guard, _resume, _runtime, distributed
 from ._batching import BatchLoader
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar
 from .data import DatasetAdapter
@@ -272,7 +272,7 @@ class FineTuner:
         )
         # Weights, optimizer, schedule, counters and history come back before on_fit_start (a
         # HistoryLogger writes the history there); callback state and RNG after it (it resets them).
-        resumed = checkpoint.resume_run(self, resume_from, train) if resume_from is not None else None
+        resumed = _resume.resume_run(self, resume_from, train) if resume_from is not None else None
         self.emit("on_fit_start", state, train=train, validation=validation)
         if resumed is not None:
             resumed.restore_callbacks_and_rng(self)
