@@ -23,7 +23,6 @@ from .checkpoint import (
     _check_model,
     _complete,
     _differences,
-    _load_callback_state,
     _read_json,
     _set_rng_state,
     _torch_load,
@@ -60,7 +59,7 @@ class Resumed:
             )
         for callback, (name, state) in zip(tuner.callbacks, saved):
             if type(callback).__name__ == name:
-                _load_callback_state(callback, state)
+                callback.load_state_dict(state)
         _set_rng_state(self.rng)
 
 

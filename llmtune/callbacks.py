@@ -45,6 +45,13 @@ class Callback:
 
     def on_fit_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a `Checkpoint` saves of this callback (tensors and plain values); default none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned, when a run resumes (after `on_fit_start`)."""
+
 
 def _resolve_monitor(tuner: FineTuner, monitor: str, mode: str) -> tuple[str, str]:
     if monitor == "auto":
@@ -82,6 +89,12 @@ class _Monitor(Callback):
             self.best = value
         return better
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
+
 
 class EarlyStopping(_Monitor):
     """Stop when the monitored validation metric has not improved for `patience` evaluations.
@@ -107,6 +120,13 @@ class EarlyStopping(_Monitor):
             logger.info("early stopping: %s did not improve for %d evaluations", self.monitor, self.patience)
             state.should_stop = True
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.bad_epochs = state["bad_epochs"]
+
 
 class KeepBest(_Monitor):
     """Keep a CPU copy of the trainable weights at the best validation score; restore it at the end."""
@@ -127,6 +147,13 @@ class KeepBest(_Monitor):
                 for name, p in tuner.model.named_parameters()
                 if p.requires_grad
             }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_epoch": self.best_epoch, "weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.best_epoch, self.weights = state["best_epoch"], state["weights"]
 
     def on_fit_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
         if self.weights is None or self.best_epoch == state.epoch:

@@ -61,8 +61,6 @@ BEST_FILE = "best.json"
 _NAME = re.compile(r"^step-(\d+)$")
 # Settings that fix the data order: with others the stored position means nothing.
 _ORDER_SETTINGS = ("batch_size", "grad_accum", "seed", "group_by_length")
-# Fields of llmtune's own callbacks that change during a run (KeepBest, EarlyStopping).
-_TRACKED = ("best", "best_epoch", "bad_epochs", "weights")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -160,20 +158,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         logger.warning("the checkpoint has CUDA RNG states but CUDA is not available; dropout will differ")
 
 
-def _callback_state(callback: Callback) -> dict[str, Any]:
-    if hasattr(callback, "state_dict"):
-        return callback.state_dict()
-    return {k: getattr(callback, k) for k in _TRACKED if k in vars(callback)}
-
-
-def _load_callback_state(callback: Callback, state: dict[str, Any]) -> None:
-    if hasattr(callback, "load_state_dict"):
-        callback.load_state_dict(state)
-    else:
-        for key, value in state.items():
-            setattr(callback, key, value)
-
-
 def _state_record(state: TrainState, epoch_done: bool) -> dict[str, Any]:
     # At an epoch's end the run continues at the start of the next epoch.
     return {
@@ -239,7 +223,7 @@ def save_checkpoint(
         torch.save(state.scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save(state.scaler.state_dict(), tmp / SCALER_FILE)
         torch.save(_rng_state(), tmp / RNG_FILE)
-        callbacks = [{"class": type(c).__name__, "state": _callback_state(c)} for c in tuner.callbacks]
+        callbacks = [{"class": type(c).__name__, "state": c.state_dict()} for c in tuner.callbacks]
         torch.save(callbacks, tmp / CALLBACKS_FILE)
         _write_json(tmp / STATE_FILE, _state_record(state, epoch_done))
         config = {

@@ -16,11 +16,13 @@ import torch
 from conftest import sentiment_texts
 
 from llmtune import (
+    Callback,
     Checkpoint,
     CheckpointError,
     DatasetAdapter,
     EarlyStopping,
     FineTuner,
+    KeepBest,
     Objective,
     OptimizerFactory,
     TrainingError,
@@ -127,6 +129,21 @@ def test_resume_from_each_kind_of_checkpoint_matches_an_unbroken_run(make_model,
         )
         assert again.fit(train, val, resume_from=path).records == history.records
         assert_same_weights(weights(model), expected)
+
+
+def test_callback_state_survives_the_checkpoint_round_trip():
+    """What `Checkpoint` saves of each callback is its state_dict; load_state_dict restores it."""
+    stop = EarlyStopping("loss", patience=3)
+    stop.best, stop.bad_epochs = 0.5, 2
+    keep = KeepBest("f1")
+    keep.best, keep.best_epoch, keep.weights = 0.9, 1, {"head.weight": torch.arange(4.0)}
+    fresh_stop, fresh_keep = EarlyStopping("loss", patience=3), KeepBest("f1")
+    fresh_stop.load_state_dict(stop.state_dict())
+    fresh_keep.load_state_dict(keep.state_dict())
+    assert (fresh_stop.best, fresh_stop.bad_epochs) == (0.5, 2)
+    assert (fresh_keep.best, fresh_keep.best_epoch) == (0.9, 1)
+    assert torch.equal(fresh_keep.weights["head.weight"], torch.arange(4.0))
+    assert Callback().state_dict() == {}
 
 
 def test_resume_from_a_finished_run_trains_no_more(make_model, data, tmp_path):
