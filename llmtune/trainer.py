@@ -369,7 +369,9 @@ class FineTuner:
         """
         if not encoder_frozen(self.model):
             return loader
-        return FeatureLoader.build(self.model, loader, self.device, self.dtype, self.eval_batch_size)
+        return FeatureLoader.build(
+            self.model, loader, self.device, self.dtype, self.eval_batch_size, dist=self.dist
+        )
 
     # -- evaluation and prediction -------------------------------------------------------
 

@@ -23,6 +23,7 @@ from .optim import layer_depth
 
 if TYPE_CHECKING:
     from ._batching import BatchLoader
+    from .distributed import DistributedContext
     from .model import ClassifierModel
 
 __all__ = [
@@ -330,10 +331,17 @@ class FeatureLoader:
         device: torch.device,
         dtype: torch.dtype | None = None,
         batch_size: int = 64,
+        dist: DistributedContext | None = None,
     ) -> FeatureLoader:
-        """Encode every example of `loader` once (eval mode: no dropout) and keep the features."""
+        """Encode every example of `loader` once (eval mode: no dropout) and keep the features.
+
+        Under data parallelism each rank encodes every `world_size`-th example and the ranks
+        exchange their rows, so every rank holds all features (its batches change each epoch).
+        """
         data = loader.data
         order = np.argsort(data.lengths, kind="stable")  # similar lengths together: little padding
+        if dist is not None and dist.enabled:
+            order = order[dist.rank :: dist.world_size]
         chunks, was_training = [], model.training
         model.eval()
         try:
@@ -345,6 +353,9 @@ class FeatureLoader:
                         chunks.append(model.encode(**_runtime.to_device(batch, device)).float())  # (b, H)
         finally:
             model.train(was_training)
+        if dist is not None and dist.enabled:
+            rows = dist.gather_rows(torch.cat(chunks).cpu().numpy(), order, len(data))  # (N, H)
+            return cls(torch.from_numpy(rows).to(device), data.labels, loader)
         # Put rows back in data order. Done outside inference_mode, so the result is a normal
         # tensor: inference tensors cannot be saved for the head's backward pass.
         inverse = torch.from_numpy(np.argsort(order)).to(device)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import sentiment_texts, tiny_encoder
@@ -204,6 +205,36 @@ def test_head_only_cache_matches_uncached(tokenizer, data):
     torch.testing.assert_close(cached.head.bias, plain.head.bias, rtol=1e-5, atol=1e-6)
     assert cached_history.train_loss == pytest.approx(plain_history.train_loss, rel=1e-5)
     assert cached_metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-5)
+
+
+class _Rank:
+    """Stands in for one rank of two: records what it encoded instead of exchanging it."""
+
+    def __init__(self, rank):
+        self.rank, self.world_size, self.enabled = rank, 2, True
+
+    def gather_rows(self, rows, indices, total):
+        self.rows, self.indices = rows, indices
+        return np.zeros((total, rows.shape[1]), dtype=rows.dtype)
+
+
+def test_feature_cache_is_split_across_ranks(make_model, data):
+    """Under DDP each rank encodes half the examples; together they are the whole cache."""
+    from llmtune.tuning import FeatureLoader
+
+    train, _ = data
+    model = make_model()
+    model.tune(HeadOnly())
+    loader = train.loader(model.tokenizer, batch_size=8, max_length=model.max_length)
+    whole = FeatureLoader.build(model, loader, torch.device("cpu")).features  # (N, H)
+    ranks = [_Rank(0), _Rank(1)]
+    for rank in ranks:
+        FeatureLoader.build(model, loader, torch.device("cpu"), dist=rank)
+    indices = np.concatenate([r.indices for r in ranks])
+    assert len(ranks[0].indices) == len(ranks[1].indices) == len(train) // 2
+    assert sorted(indices.tolist()) == list(range(len(train)))  # disjoint, and all of them
+    for rank in ranks:
+        torch.testing.assert_close(torch.from_numpy(rank.rows), whole[rank.indices], rtol=1e-5, atol=1e-6)
 
 
 # -- LoRA learns, saves small, reloads and merges exactly ---------------------------------------
