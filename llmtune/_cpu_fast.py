@@ -81,7 +81,10 @@ def attention_forward(
 
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    # Variants this formula does not cover go to SDPA, dropout and all.
+    plain = all(
+        kwargs.get(k) is None for k in ("position_bias", "softcap", "sliding_window", "s_aux", "head_mask")
+    )
     if (
         not 0 < dropout < 1
         or query.device.type != "cpu"

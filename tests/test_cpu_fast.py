@@ -160,3 +160,34 @@ def test_fast_training_with_dropout_learns_and_is_reproducible(make_model):
     (losses, head), (losses2, head2) = results
     assert losses[-1] < 0.5 * losses[0]
     assert losses == losses2 and torch.equal(head, head2)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "albert", "electra", "deberta-v2"])
+def test_fast_paths_on_other_encoder_families(family):
+    """Each family trains a step under the fast paths and comes back unchanged."""
+    from transformers import AutoConfig, AutoModel
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    extra = {
+        "distilbert": dict(dim=32, hidden_dim=64, n_heads=4, n_layers=2),
+        "albert": dict(embedding_size=16),
+    }
+    config = AutoConfig.for_model(
+        family, vocab_size=100, max_position_embeddings=64, **({} if family == "distilbert" else sizes)
+    )
+    for key, value in extra.get(family, {}).items():
+        setattr(config, key, value)
+    encoder = AutoModel.from_config(config).train()
+    attention = encoder.config._attn_implementation
+    ids = torch.randint(5, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with FastPaths(encoder) as fast:
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # A random projection: a plain sum after the final LayerNorm has zero gradient.
+        (hidden * torch.randn_like(hidden)).sum().backward()
+        fast.densify()
+    grad = encoder.get_input_embeddings().weight.grad
+    assert grad is not None and not grad.is_sparse and grad.abs().sum() > 0
+    assert encoder.config._attn_implementation == attention
+    assert not any(isinstance(m, Dropout) for m in encoder.modules())
