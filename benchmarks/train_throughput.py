@@ -5,8 +5,8 @@ learning rate and thread count. Each contender trains in a fresh Python process,
 RSS is its own. Two data sets: real tweets (short) and a synthetic set with a long-tailed
 length distribution (most texts ~15 words, a few up to max_length). Run from the repo root:
 
-    python benchmarks/train_throughput.py            # 2 x 2,048 examples: ~7 min on 2 free cores
-    python benchmarks/train_throughput.py --quick    # 2-layer encoder, 400 examples: ~1 min
+    python benchmarks/train_throughput.py            # 2 x 2,048 examples, 3 runs each: ~20 min
+    python benchmarks/train_throughput.py --quick --repeat 1  # 2-layer encoder, 400 examples: ~1 min
     python benchmarks/train_throughput.py --variants llmtune,llmtune-fp32,llmtune-fused  # ablations
 
 Contenders (`--variants`): llmtune (FineTuner defaults: length-grouped batches, bf16 autocast
@@ -358,6 +358,13 @@ def table(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
             f"{r['accuracy']:.3f} | {r['tflops']:.3f} | {100 * r['mfu']:.1f} | "
             f"{100 * r['padded_mfu']:.1f} | {r['load']:.1f} |"
         )
+    if any(len(r.get("all_samples_s", [])) > 1 for r in results):
+        lines += [
+            "",
+            "Each row is the median of interleaved runs; samples/s of every run:",
+            "",
+            *[f"- {r['set']} {r['variant']}: {', '.join(map(str, r['all_samples_s']))}" for r in results],
+        ]
     ours = {r["set"]: r for r in results if r["variant"] == "llmtune"}
     ratios = []
     for r in results:
@@ -412,6 +419,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per contender, interleaved; the median run is reported"
+    )
     parser.add_argument("--variants", default=",".join(MAIN))
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--out", default=None, help="output path stem (default benchmarks/results/train)")
@@ -446,22 +456,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"{'2-layer ' if args.quick else ''}all-MiniLM-L6-v2, {args.size} examples per set "
             f"(80/20 train/test), max_length {args.max_length}, one epoch, batch {args.batch_size}, "
             f"LR {args.lr:g} linear decay, no warmup, {args.threads} threads; each contender in its "
-            "own process, run back to back"
+            f"own process, {args.repeat} interleaved run(s) each, median reported"
         ),
     }
     results = []
+    variants = args.variants.split(",")
     for which in args.sets.split(","):
-        for variant in args.variants.split(","):
-            result = run_child(args, variant, which)
-            derive(result, header["peaks"])
-            results.append(result)
-            print(
-                f"{which:8s} {variant:16s} {result['samples_s']:6.1f} samples/s  "
-                f"acc {result['accuracy']:.3f}  RSS {result['peak_rss_mb']:.0f} MB  "
-                f"(before fit {result['rss_before_mb']:.0f})  MFU {100 * result['mfu']:.1f}%  "
-                f"pad {100 * result['pad_fraction']:.0f}%  load {result['load']:.1f}",
-                flush=True,
-            )
+        # Interleaved repeats (A B C, A B C, ...): load drifts over minutes on a shared machine,
+        # so each contender's median run is compared, not single runs minutes apart.
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        for _ in range(args.repeat):
+            for variant in variants:
+                result = run_child(args, variant, which)
+                derive(result, header["peaks"])
+                runs[variant].append(result)
+                print(
+                    f"{which:8s} {variant:16s} {result['samples_s']:6.1f} samples/s  "
+                    f"acc {result['accuracy']:.3f}  RSS {result['peak_rss_mb']:.0f} MB  "
+                    f"(before fit {result['rss_before_mb']:.0f})  MFU {100 * result['mfu']:.1f}%  "
+                    f"pad {100 * result['pad_fraction']:.0f}%  load {result['load']:.1f}",
+                    flush=True,
+                )
+        for variant in variants:
+            median = sorted(runs[variant], key=lambda r: r["samples_s"])[(len(runs[variant]) - 1) // 2]
+            median["all_samples_s"] = [round(r["samples_s"], 1) for r in runs[variant]]
+            results.append(median)
     header["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     markdown = table(results, header)
     stem.with_suffix(".md").write_text(markdown)
