@@ -343,8 +343,8 @@ class FineTuner:
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()  # an fp16 scaler also lowers its scale here
                 continue
-            # Below the threshold clipping multiplies every gradient by 1.0: skip that pass (3%
-            # of a CPU step). The guard above has just synced, so reading the norm is free.
+            # Below the threshold clipping multiplies every gradient by 1.0: skip that pass
+            # (2.5 ms of a 150 ms MiniLM CPU step). The guard has just synced: the read is free.
             if self.max_grad_norm is not None and float(grad_norm) + 1e-6 > self.max_grad_norm:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, grad_norm)
             scaler.step(optimizer)
