@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _labels
+from . import _files, _labels
 from ._batching import BatchLoader, Tokenized
 from ._labels import Task
 from .errors import ConfigError, DataError
@@ -33,33 +32,6 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             ds_logging.enable_progress_bar()
-
-
-def _lines_end_with_lf(path: str | os.PathLike) -> bool:
-    """True when the first line of an uncompressed file ends with "\n" but not "\r\n"."""
-    if str(path).endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")):
-        return False
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(1 << 20)
-    except OSError:  # pandas reports a missing or unreadable file itself
-        return False
-    return first.endswith(b"\n") and not first.endswith(b"\r\n")
-
-
-def _undecodable_at(path: str | os.PathLike, encoding: str) -> str:
-    """Where the first undecodable byte is (pandas reports offsets inside its read buffer)."""
-    compressed = str(path).endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".tar"))
-    if compressed or os.path.getsize(path) > 256 << 20:
-        return ""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        raw.decode(encoding)
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        return f" at line {line}, byte {err.start}"
-    return ""
 
 
 def clip_pairs(
@@ -208,55 +180,9 @@ class DatasetAdapter:
         missing values, which the text and label columns refuse. A header that names a
         column twice and rows with more fields than the header are refused too.
         """
-        import pandas as pd
-
-        options = {"encoding": encoding, "sep": sep, "keep_default_na": False, "na_values": [""]}
-        if _lines_end_with_lf(path):
-            # pandas' to_csv leaves a text holding a bare "\r" unquoted, and read_csv would end
-            # the row there; in a file whose lines end with "\n", "\r" is part of the text.
-            options["lineterminator"] = "\n"
-        texts = {c: str for c in (kwargs.get("text", "text"), kwargs.get("text_pair")) if c is not None}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas drops fields otherwise
-                header = pd.read_csv(path, header=None, nrows=1, dtype=str, **options).iloc[0].tolist()
-                cls._check_header(str(path), header, sep, kwargs)
-                # index_col=False: a row with one extra field would otherwise become the index.
-                frame = pd.read_csv(path, index_col=False, dtype=texts, **options)
-        except UnicodeDecodeError as err:
-            raise DataError(
-                f"{path}: cannot decode as {encoding} ({err.reason}{_undecodable_at(path, encoding)}); "
-                "pass encoding=..., e.g. encoding='latin-1'."
-            ) from None
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the file is empty.") from None
-        except (pd.errors.ParserError, pd.errors.ParserWarning) as err:
-            raise DataError(f"{path}: malformed CSV ({err}); check sep={sep!r} and the quoting.") from None
+        frame = _files.read_csv(path, encoding=encoding, sep=sep, columns=kwargs)
         kwargs.setdefault("source", str(path))
         return cls.from_pandas(frame, **kwargs)
-
-    @staticmethod
-    def _check_header(path: str, header: list[Any], sep: str, kwargs: dict[str, Any]) -> None:
-        # pandas renames a repeated column to "name.1", so duplicates are found on the raw header.
-        names = [str(h) for h in header if isinstance(h, str)]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise DataError(f"{path}: the header names column(s) {dupes} more than once; rename them.")
-        wanted = {"text": kwargs.get("text", "text"), "text_pair": kwargs.get("text_pair")}
-        wanted["label"] = kwargs.get("label", "label")
-        missing = [(role, c) for role, c in wanted.items() if c is not None and c not in names]
-        if not missing:
-            return
-        role, column = missing[0]
-        hint = ""
-        if len(names) == 1 and any(s in names[0] for s in (";", "\t", "|") if s != sep):
-            hint = " The file may use another separator: pass sep=';' (or '\\t', '|')."
-        elif len(missing) == sum(c is not None for c in wanted.values()):
-            hint = (
-                " If the first row is data, the file has no header row: add one naming the "
-                "columns, or read it with pandas (header=None, names=[...]) and use from_pandas."
-            )
-        raise DataError(f"{path}: no {role} column {column!r}; the columns are {header}.{hint}")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **kwargs: Any) -> DatasetAdapter:
