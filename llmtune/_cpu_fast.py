@@ -130,9 +130,9 @@ class FastPaths:
         self.model = model
         self.sparse_embedding = sparse_embedding
         self._dropouts: list[tuple[nn.Module, str, nn.Dropout]] = []
-        self._encoders: list[nn.Module] = []
+        self._encoder: nn.Module | None = None  # switched to ATTENTION, back to "sdpa" on exit
         self._embedding: nn.Embedding | None = None
-        self._buffers: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._buffer: torch.Tensor | None = None  # the dense gradient, reused every step
 
     def __enter__(self) -> FastPaths:
         from transformers import PreTrainedModel
@@ -146,7 +146,7 @@ class FastPaths:
         if encoders and encoders[0].config._attn_implementation == "sdpa":
             _register_attention()
             encoders[0].set_attn_implementation(ATTENTION)
-            self._encoders.append(encoders[0])
+            self._encoder = encoders[0]
         embedding = encoders[0].get_input_embeddings() if encoders else None
         if (
             self.sparse_embedding
@@ -166,22 +166,21 @@ class FastPaths:
         grad = weight.grad
         if grad is None or not grad.is_sparse:
             return
-        buffer = self._buffers.get(weight)
-        if buffer is None:
-            buffer = self._buffers[weight] = torch.empty_like(weight)
-        buffer.zero_()
+        if self._buffer is None:
+            self._buffer = torch.empty_like(weight)
+        self._buffer.zero_()
         # Uncoalesced indices repeat for a token seen twice; index_add_ sums them.
-        buffer.index_add_(0, grad._indices()[0], grad._values())
-        weight.grad = buffer
+        self._buffer.index_add_(0, grad._indices()[0], grad._values())
+        weight.grad = self._buffer
 
     def __exit__(self, *exc: object) -> None:
         for parent, name, original in self._dropouts:
             setattr(parent, name, original)
-        for encoder in self._encoders:
-            encoder.set_attn_implementation("sdpa")
+        if self._encoder is not None:
+            self._encoder.set_attn_implementation("sdpa")
         if self._embedding is not None:
             self._embedding.sparse = False
             grad = self._embedding.weight.grad
             if grad is not None and grad.is_sparse:
                 self._embedding.weight.grad = grad.to_dense()
-        self._dropouts, self._encoders, self._embedding, self._buffers = [], [], None, {}
+        self._dropouts, self._encoder, self._embedding, self._buffer = [], None, None, None

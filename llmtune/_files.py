@@ -12,10 +12,12 @@ from .errors import DataError
 if TYPE_CHECKING:
     import pandas as pd
 
+_COMPRESSED = (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")  # pandas decompresses these itself
+
 
 def _lines_end_with_lf(path: str | os.PathLike) -> bool:
     """True when the first line of an uncompressed file ends with "\n" but not "\r\n"."""
-    if str(path).endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")):
+    if str(path).endswith(_COMPRESSED):
         return False
     try:
         with open(path, "rb") as f:
@@ -27,8 +29,7 @@ def _lines_end_with_lf(path: str | os.PathLike) -> bool:
 
 def _undecodable_at(path: str | os.PathLike, encoding: str) -> str:
     """Where the first undecodable byte is (pandas reports offsets inside its read buffer)."""
-    compressed = str(path).endswith((".gz", ".bz2", ".zip", ".xz", ".zst", ".tar"))
-    if compressed or os.path.getsize(path) > 256 << 20:
+    if str(path).endswith(_COMPRESSED) or os.path.getsize(path) > 256 << 20:
         return ""
     with open(path, "rb") as f:
         raw = f.read()

@@ -340,7 +340,8 @@ class FeatureLoader:
         """
         data = loader.data
         order = np.argsort(data.lengths, kind="stable")  # similar lengths together: little padding
-        if dist is not None and dist.enabled:
+        split = dist is not None and dist.enabled
+        if split:
             order = order[dist.rank :: dist.world_size]
         chunks, was_training = [], model.training
         model.eval()
@@ -353,7 +354,7 @@ class FeatureLoader:
                         chunks.append(model.encode(**_runtime.to_device(batch, device)).float())  # (b, H)
         finally:
             model.train(was_training)
-        if dist is not None and dist.enabled:
+        if split:
             rows = dist.gather_rows(torch.cat(chunks).cpu().numpy(), order, len(data))  # (N, H)
             return cls(torch.from_numpy(rows).to(device), data.labels, loader)
         # Put rows back in data order. Done outside inference_mode, so the result is a normal
