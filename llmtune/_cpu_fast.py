@@ -1,4 +1,4 @@
-"""Two costs of training on a CPU, removed during `FineTuner.fit` without changing the maths.
+"""Costs of training on a CPU, removed during `FineTuner.fit` without changing the maths.
 
 Measured on all-MiniLM-L6-v2 with 2 AMD EPYC cores in bf16 (`benchmarks/README.md`):
 
@@ -18,7 +18,14 @@ Measured on all-MiniLM-L6-v2 with 2 AMD EPYC cores in bf16 (`benchmarks/README.m
   step (47 MB for MiniLM). glibc serves that size with fresh mmap pages, so every step pays
   page faults to zero it: 11.9 ms against 0.4 ms to zero a reused buffer, about 10% of a
   step. The sparse backward plus one reused dense buffer gives the optimizer the same
-  gradient.
+  gradient, and until then the gradient norm and clipping see only the rows the batch
+  touched (the dense norm read all 47 MB every step).
+- Three projections where one would do. An attention layer's query, key and value are three
+  GEMMs on the same input, each casting it to bf16 again; one GEMM on the concatenated
+  weights casts once, runs a wider (faster) matmul, and in backward returns the input's
+  gradient from one GEMM instead of three GEMMs and two sums. The dot products are the
+  same, summed within the GEMM's blocking (bit-identical outputs in MiniLM's bf16 shapes;
+  fp32 may differ in the last bit), and the input's gradient is rounded once, not three times.
 
 Everything is undone when `fit` returns: the model saves, predicts and trains in other loops
 as before.
@@ -26,13 +33,23 @@ as before.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ATTENTION = "llmtune_sdpa"
+# Names of an attention module's query, key and value projections across encoder families:
+# BERT/RoBERTa/ELECTRA/ALBERT, DistilBERT, most newer models, DeBERTa-v2/v3.
+PROJECTIONS = (
+    ("query", "key", "value"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("query_proj", "key_proj", "value_proj"),
+)
 
 
 def keep_mask(
@@ -115,15 +132,78 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+class FusedProjections:
+    """Sibling ``nn.Linear`` projections computed as one GEMM when called on the same input.
+
+    The first of them called on an input computes all of them and keeps the others' slices;
+    their own calls on that same tensor object take those. A call on another input (cross
+    attention, DeBERTa's relative embeddings) computes everything afresh, so any call order
+    is correct. Installed by overriding each module's ``forward`` on the instance: the
+    parameters, their names and the state dict stay as they are.
+    """
+
+    def __init__(self, linears: tuple[nn.Linear, ...]) -> None:
+        self.linears = linears
+        self._input: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}  # outputs computed, not yet asked for
+
+    @staticmethod
+    def fusable(linears: tuple[nn.Module, ...]) -> bool:
+        first = linears[0]
+        return all(
+            type(m) is nn.Linear
+            and m.in_features == first.in_features
+            and (m.bias is None) == (first.bias is None)
+            and m.weight.dtype == first.weight.dtype
+            and m.weight.device == first.weight.device
+            for m in linears
+        )
+
+    def install(self) -> None:
+        for i, linear in enumerate(self.linears):
+            linear.forward = functools.partial(self.forward, i)
+
+    def uninstall(self) -> None:
+        for linear in self.linears:
+            del linear.forward  # the instance attribute; the class's forward is back
+        self._input, self._pending = None, {}
+
+    def forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if x is self._input and i in self._pending:
+            out = self._pending.pop(i)
+            if not self._pending:
+                self._input = None
+            return out
+        weight = torch.cat([m.weight for m in self.linears])
+        bias = None if self.linears[0].bias is None else torch.cat([m.bias for m in self.linears])
+        outputs = F.linear(x, weight, bias).split([m.out_features for m in self.linears], dim=-1)
+        self._input = x
+        self._pending = {j: out for j, out in enumerate(outputs) if j != i}
+        return outputs[i]
+
+
+def find_projections(model: nn.Module) -> list[FusedProjections]:
+    """A `FusedProjections` for every module holding fusable query/key/value siblings."""
+    found = []
+    for module in model.modules():
+        for names in PROJECTIONS:
+            linears = tuple(getattr(module, name, None) for name in names)
+            if all(isinstance(m, nn.Module) for m in linears) and FusedProjections.fusable(linears):
+                found.append(FusedProjections(linears))
+    return found
+
+
 class FastPaths:
-    """Installs both fast paths on a model for the length of a `with` block.
+    """Installs the fast paths on a model for the length of a `with` block.
+
+    After each backward: `sparse_rows` gives the word-embedding gradient's rows (to norm and
+    clip with the other gradients), then `densify` hands the optimizer the dense gradient.
 
     Args:
-        model: the model being trained (its ``nn.Dropout`` modules, SDPA encoder and word
-            embedding are switched; anything else is left alone).
-        sparse_embedding: route the word-embedding gradient through the sparse backward; call
-            `densify` after backward. Off under data parallelism, whose reducers want dense
-            gradients.
+        model: the model being trained (its ``nn.Dropout`` modules, SDPA encoder, attention
+            projections and word embedding are switched; anything else is left alone).
+        sparse_embedding: route the word-embedding gradient through the sparse backward. Off
+            under data parallelism, whose reducers want dense gradients.
     """
 
     def __init__(self, model: nn.Module, sparse_embedding: bool = True) -> None:
@@ -131,8 +211,10 @@ class FastPaths:
         self.sparse_embedding = sparse_embedding
         self._dropouts: list[tuple[nn.Module, str, nn.Dropout]] = []
         self._encoder: nn.Module | None = None  # switched to ATTENTION, back to "sdpa" on exit
+        self._projections: list[FusedProjections] = []
         self._embedding: nn.Embedding | None = None
         self._buffer: torch.Tensor | None = None  # the dense gradient, reused every step
+        self._written: torch.Tensor | None = None  # the buffer's rows that are not zero
 
     def __enter__(self) -> FastPaths:
         from transformers import PreTrainedModel
@@ -142,6 +224,9 @@ class FastPaths:
                 if type(child) is nn.Dropout:
                     setattr(parent, name, Dropout(child.p, child.inplace))
                     self._dropouts.append((parent, name, child))
+        self._projections = find_projections(self.model)
+        for fused in self._projections:
+            fused.install()
         encoders = [m for m in self.model.modules() if isinstance(m, PreTrainedModel)]
         if encoders and encoders[0].config._attn_implementation == "sdpa":
             _register_attention()
@@ -158,24 +243,44 @@ class FastPaths:
             self._embedding = embedding
         return self
 
+    def sparse_rows(self) -> torch.Tensor | None:
+        """The sparse word-embedding gradient's values, one row per token id; None if none.
+
+        Coalesces the gradient (a token seen twice, or in two accumulated batches, gets one
+        summed row) and returns its values as a view: scaling it in place scales the gradient.
+        Its norm is the dense gradient's norm, at ~1,000 rows instead of the vocabulary.
+        """
+        if self._embedding is None:
+            return None
+        weight = self._embedding.weight
+        if weight.grad is None or not weight.grad.is_sparse:
+            return None
+        weight.grad = weight.grad.coalesce()
+        return weight.grad._values()
+
     def densify(self) -> None:
-        """Turn the sparse word-embedding gradient into a dense one in a reused buffer."""
+        """Make the sparse word-embedding gradient dense, in a buffer reused every step."""
         if self._embedding is None:
             return
         weight = self._embedding.weight
         grad = weight.grad
         if grad is None or not grad.is_sparse:
             return
+        grad = grad.coalesce()
+        rows = grad._indices()[0]
         if self._buffer is None:
-            self._buffer = torch.empty_like(weight)
-        self._buffer.zero_()
-        # Uncoalesced indices repeat for a token seen twice; index_add_ sums them.
-        self._buffer.index_add_(0, grad._indices()[0], grad._values())
+            self._buffer = torch.zeros_like(weight)
+        else:  # only the rows written last step are not zero
+            self._buffer.index_fill_(0, self._written, 0)
+        self._buffer.index_copy_(0, rows, grad._values())
+        self._written = rows
         weight.grad = self._buffer
 
     def __exit__(self, *exc: object) -> None:
         for parent, name, original in self._dropouts:
             setattr(parent, name, original)
+        for fused in self._projections:
+            fused.uninstall()
         if self._encoder is not None:
             self._encoder.set_attn_implementation("sdpa")
         if self._embedding is not None:
@@ -183,4 +288,5 @@ class FastPaths:
             grad = self._embedding.weight.grad
             if grad is not None and grad.is_sparse:
                 self._embedding.weight.grad = grad.to_dense()
-        self._dropouts, self._encoder, self._embedding, self._buffer = [], None, None, None
+        self._dropouts, self._projections, self._encoder = [], [], None
+        self._embedding, self._buffer, self._written = None, None, None

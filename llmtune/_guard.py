@@ -16,12 +16,21 @@ logger = logging.getLogger("llmtune")
 
 
 def grad_norm(
-    params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    grads: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> torch.Tensor:
-    """The total gradient norm (after fp16 unscaling): for clipping and the finite check."""
+    """The total norm of `grads` (after fp16 unscaling): for clipping and the finite check."""
     scaler.unscale_(optimizer)  # a no-op unless fp16 scaling is on
     # What clip_grad_norm_ computes first; taken apart so a bad gradient is seen before clipping.
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def clip(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale `grads` in place to total norm `max_norm`, as ``clip_grads_with_norm_`` does.
+
+    Takes gradient tensors rather than parameters, so a sparse gradient's rows can be passed.
+    """
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
 
 
 def check_finite(
@@ -47,7 +56,7 @@ def check_finite(
     first, last = state.batches_done - batches, state.batches_done - 1
     bad = [first + i for i, loss in enumerate(losses) if not torch.isfinite(loss)]
     named = tuner.model.named_parameters()
-    grads = [n for n, p in named if p.grad is not None and not p.grad.isfinite().all()]
+    grads = [n for n, p in named if p.grad is not None and not _dense(p.grad).isfinite().all()]
     what = f"loss in batch index {bad[0]}" if bad else f"gradient of {grads[:1]} (norm {norm:g})"
     where = f"batch index {first}" if first == last else f"batch indices {first}-{last}"
     message = (
@@ -63,3 +72,8 @@ def check_finite(
     state.epoch_skipped += 1
     state.skipped += 1
     return False
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """The stored values of a gradient (the fast paths keep the word embedding's sparse)."""
+    return grad.coalesce().values() if grad.is_sparse else grad

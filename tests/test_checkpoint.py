@@ -330,6 +330,18 @@ def test_inf_gradient_is_caught_before_the_optimizer_step(make_model, data):
     assert torch.isfinite(model.head.weight).all()
 
 
+def test_inf_in_the_sparse_word_embedding_gradient_is_named(make_model, data):
+    """The CPU fast paths keep this gradient sparse until the step; the guard still sees it."""
+    train, _ = data
+    model = make_model()
+    weight = model.encoder.get_input_embeddings().weight
+    weight.register_hook(lambda g: g * float("inf") if tuner.state.step == 1 else g)
+    tuner = make_tuner(model)
+    with pytest.raises(TrainingError, match=r"gradient of \['encoder.embeddings.word_embeddings.weight'\]"):
+        tuner.fit(train)
+    assert torch.isfinite(weight).all()
+
+
 def test_skip_mode_drops_bad_steps_and_counts_them(make_model, data):
     train, _ = data
     tuner = make_tuner(make_model(), objective=NaNAt({2, 7}), nonfinite="skip")

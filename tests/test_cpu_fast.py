@@ -9,7 +9,15 @@ import torch
 from conftest import sentiment_texts
 
 from llmtune import DatasetAdapter, FineTuner, OptimizerFactory
-from llmtune._cpu_fast import ATTENTION, Dropout, FastPaths, attention_forward, drop, keep_mask
+from llmtune._cpu_fast import (
+    ATTENTION,
+    Dropout,
+    FastPaths,
+    FusedProjections,
+    attention_forward,
+    drop,
+    keep_mask,
+)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -85,19 +93,80 @@ def test_attention_without_dropout_is_transformers_sdpa():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_projections_equal_three_linears_in_any_order(precision):
+    torch.manual_seed(0)
+    linears = tuple(torch.nn.Linear(16, n) for n in (16, 16, 8))
+    x = torch.randn(3, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        separate = [m(x) for m in linears]
+        fused = FusedProjections(linears)
+        fused.install()
+        try:
+            order = [2, 0, 1]  # value first, then query, then key
+            outputs = {i: linears[i](x) for i in order}
+            other = torch.randn(2, 16)  # another input (cross attention) is computed afresh
+            cross = linears[1](other)
+        finally:
+            fused.uninstall()
+    for i in range(3):  # the same dot products, summed in a GEMM's blocking: within rounding
+        torch.testing.assert_close(outputs[i], separate[i])
+    torch.testing.assert_close(cross, linears[1](other).to(cross.dtype))
+    assert all("forward" not in m.__dict__ for m in linears)
+    # Gradients reach all three weights and the shared input, as without fusion.
+    grads = []
+    for fuse in (False, True):
+        xi = x.clone().requires_grad_()
+        fused.install() if fuse else None
+        try:
+            loss = sum((m(xi) * (i + 1)).sum() for i, m in enumerate(linears))
+        finally:
+            fused.uninstall() if fuse else None
+        grads.append(torch.autograd.grad(loss, [xi, *(m.weight for m in linears)]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_fast_paths_install_and_undo(make_model):
     model = make_model()
     originals = [m for m in model.modules() if type(m) is torch.nn.Dropout]
     embedding = model.encoder.get_input_embeddings()
+    keys = list(model.state_dict())
     with pytest.raises(RuntimeError, match="boom"), FastPaths(model):
         assert not any(type(m) is torch.nn.Dropout for m in model.modules())
         assert sum(isinstance(m, Dropout) for m in model.modules()) == len(originals)
         assert model.encoder.config._attn_implementation == ATTENTION
         assert embedding.sparse
+        query = model.encoder.encoder.layer[0].attention.self.query
+        assert "forward" in query.__dict__  # fused with key and value
+        assert list(model.state_dict()) == keys
         raise RuntimeError("boom")
     assert [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] == originals
     assert model.encoder.config._attn_implementation == "sdpa"
     assert not embedding.sparse
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_sparse_rows_norm_and_scale_the_embedding_gradient_then_densify_clears_old_rows(make_model):
+    """Two steps through the sparse route give the dense gradients, norms and clipping."""
+    model = make_model(dropout=0.0)
+    embedding = model.encoder.get_input_embeddings()
+    batches = [torch.tensor([[5, 6, 6, 7]]), torch.tensor([[8, 9, 5, 9]])]  # repeats sum
+    dense = []
+    for ids in batches:
+        embedding.weight.grad = None
+        model(input_ids=ids).sum().backward()
+        dense.append(embedding.weight.grad.clone())
+    with FastPaths(model) as fast:
+        for ids, expected in zip(batches, dense):
+            embedding.weight.grad = None
+            model(input_ids=ids).sum().backward()
+            rows = fast.sparse_rows()
+            torch.testing.assert_close(rows.norm(), expected.norm())
+            rows.mul_(0.5)  # clipping scales the gradient through this view
+            fast.densify()
+            assert not embedding.weight.grad.is_sparse
+            torch.testing.assert_close(embedding.weight.grad, expected * 0.5)
 
 
 def test_fast_paths_leave_other_attention_alone(make_model):
@@ -111,7 +180,11 @@ def test_fast_paths_leave_other_attention_alone(make_model):
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_fast_training_equals_torch_kernels_without_dropout(make_model, grad_accum):
-    """With dropout off the fast paths differ only in the embedding gradient's route."""
+    """With dropout off the fast paths differ only in fp32 rounding.
+
+    The routes differ (embedding gradient, its norm over touched rows, one fused Q/K/V GEMM
+    whose input gradient sums in another order); 1e-5 is 1% of one AdamW step at lr 1e-3.
+    """
     texts, labels = sentiment_texts(48)
     data = DatasetAdapter.from_lists(texts, labels)
     model = make_model(dropout=0.0)
@@ -135,7 +208,7 @@ def test_fast_training_equals_torch_kernels_without_dropout(make_model, grad_acc
     word = "encoder.embeddings.word_embeddings.weight"
     assert not torch.equal(weights[True][word], start[word]), "the word embeddings must train"
     for key in start:
-        torch.testing.assert_close(weights[True][key], weights[False][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights[True][key], weights[False][key], rtol=1e-5, atol=1e-5)
     assert model.encoder.get_input_embeddings().weight.grad is None  # freed, not left sparse
 
 
@@ -182,11 +255,16 @@ def test_fast_paths_on_other_encoder_families(family):
     ids = torch.randint(5, 100, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
+    reference = encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     with FastPaths(encoder) as fast:
-        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        # Each layer's query, key and value as one GEMM; ALBERT's two layers share one.
+        assert len(fast._projections) == (1 if family == "albert" else 2)
+        fused = encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = encoder.train()(input_ids=ids, attention_mask=mask).last_hidden_state
         # A random projection: a plain sum after the final LayerNorm has zero gradient.
         (hidden * torch.randn_like(hidden)).sum().backward()
         fast.densify()
+    torch.testing.assert_close(fused, reference)
     grad = encoder.get_input_embeddings().weight.grad
     assert grad is not None and not grad.is_sparse and grad.abs().sum() > 0
     assert encoder.config._attn_implementation == attention
