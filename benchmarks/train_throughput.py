@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -335,6 +336,11 @@ def derive(r: dict[str, Any], peaks: dict[str, float]) -> None:
     r["padded_mfu"] = r["padded_flops"] / r["train_s"] / peak
 
 
+def paired_ratios(ours: dict[str, Any], other: dict[str, Any]) -> list[float]:
+    """llmtune's samples/s over `other`'s, round by round (runs of one round are adjacent)."""
+    return [a / b for a, b in zip(ours["all_samples_s"], other["all_samples_s"])]
+
+
 def table(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
     peaks = header["peaks"]
     lines = [
@@ -370,16 +376,23 @@ def table(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
     for r in results:
         base = ours.get(r["set"])
         if base is not None and r is not base:
+            rounds = paired_ratios(base, r)
             ratios.append(
                 f"| {r['set']} | llmtune / {r['variant']} | {base['samples_s'] / r['samples_s']:.2f}x | "
+                f"{statistics.median(rounds):.2f}x ({', '.join(f'{x:.2f}' for x in rounds)}) | "
                 f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}x | {base['accuracy'] - r['accuracy']:+.3f} |"
             )
     if ratios:
         lines += [
             "",
-            "| set | ratio | samples/s | peak RSS | accuracy difference |",
-            "| --- | --- | ---: | ---: | ---: |",
+            "| set | ratio | samples/s (medians) | samples/s, median of rounds (each round) | peak RSS "
+            "| accuracy difference |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
             *ratios,
+            "",
+            "A round runs every contender once, back to back, so its ratio compares runs a minute "
+            "apart; the median of the rounds' ratios is the paired figure, the ratio of medians "
+            "the unpaired one.",
         ]
     lines += [
         "",
@@ -480,6 +493,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for variant in variants:
             median = sorted(runs[variant], key=lambda r: r["samples_s"])[(len(runs[variant]) - 1) // 2]
             median["all_samples_s"] = [round(r["samples_s"], 1) for r in runs[variant]]
+            median["all_peak_rss_mb"] = [round(r["peak_rss_mb"]) for r in runs[variant]]
             results.append(median)
     header["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     markdown = table(results, header)

@@ -124,9 +124,10 @@ class FineTuner:
         nonfinite: what a NaN or infinite loss or gradient norm does: "raise" stops with a
             `TrainingError` naming the step and batch, before the weights change; "skip"
             drops that optimizer step (counted as `skipped_steps` in each epoch's record).
-        fast_cpu: on a CPU, train with cheaper dropout masks and a sparse word-embedding
-            backward (same maths, ~1.2x the speed; see benchmarks/README.md). The masks come
-            from a different random stream than torch's dropout; False uses torch's own kernels.
+        fast_cpu: on a CPU, train with cheaper dropout masks, one GEMM for each attention
+            layer's query/key/value and a sparse word-embedding backward (same maths, ~1.3x
+            the speed; see benchmarks/README.md). The masks come from a different random
+            stream than torch's dropout; False uses torch's own kernels.
 
     Example:
         >>> tuner = FineTuner(model, epochs=3, batch_size=32)  # doctest: +SKIP
