@@ -158,6 +158,7 @@ class FusedProjections:
             and (m.bias is None) == (first.bias is None)
             and m.weight.dtype == first.weight.dtype
             and m.weight.device == first.weight.device
+            and "forward" not in m.__dict__  # someone else's per-instance forward stays
             for m in linears
         )
 
@@ -186,12 +187,17 @@ class FusedProjections:
 
 def find_projections(model: nn.Module) -> list[FusedProjections]:
     """A `FusedProjections` for every module holding fusable query/key/value siblings."""
-    found = []
+    found, taken = [], set()
     for module in model.modules():
         for names in PROJECTIONS:
             linears = tuple(getattr(module, name, None) for name in names)
-            if all(isinstance(m, nn.Module) for m in linears) and FusedProjections.fusable(linears):
+            if (
+                all(isinstance(m, nn.Module) for m in linears)
+                and FusedProjections.fusable(linears)
+                and not taken & {id(m) for m in linears}  # a Linear shared by two modules: once
+            ):
                 found.append(FusedProjections(linears))
+                taken |= {id(m) for m in linears}
     return found
 
 

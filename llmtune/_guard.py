@@ -15,6 +15,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("llmtune")
 
 
+def gradients(params: list[torch.Tensor], sparse_rows: torch.Tensor | None) -> list[torch.Tensor]:
+    """The gradients to norm and clip: the dense ones, and a sparse one as its rows' values."""
+    grads = [p.grad for p in params if p.grad is not None and not p.grad.is_sparse]
+    return grads + ([sparse_rows] if sparse_rows is not None else [])
+
+
 def grad_norm(
     grads: list[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> torch.Tensor:

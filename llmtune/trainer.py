@@ -338,9 +338,7 @@ class FineTuner:
                 losses.append(loss.detach())
             # With the fast paths the word-embedding gradient is still sparse here: its
             # ~1,000 touched rows stand in for the whole vocabulary in the norm and clipping.
-            rows = fast.sparse_rows() if fast is not None else None
-            grads = [p.grad for p in params if p.grad is not None and not p.grad.is_sparse]
-            grads += [rows] if rows is not None else []
+            grads = _guard.gradients(params, fast.sparse_rows() if fast is not None else None)
             grad_norm = _guard.grad_norm(grads, optimizer, scaler)
             state.batches_done += len(window)
             if not _guard.check_finite(self, state, losses, grad_norm, scaler, len(window)):

@@ -16,6 +16,7 @@ from llmtune._cpu_fast import (
     FusedProjections,
     attention_forward,
     drop,
+    find_projections,
     keep_mask,
 )
 
@@ -125,6 +126,17 @@ def test_fused_projections_equal_three_linears_in_any_order(precision):
         grads.append(torch.autograd.grad(loss, [xi, *(m.weight for m in linears)]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_projections_shared_or_already_patched_are_left_alone():
+    shared = tuple(torch.nn.Linear(8, 8) for _ in range(3))
+    model = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module(), torch.nn.Module()])
+    for module in model[:2]:  # two attention modules holding the same three Linears
+        module.query, module.key, module.value = shared
+    own = tuple(torch.nn.Linear(8, 8) for _ in range(3))
+    model[2].q_proj, model[2].k_proj, model[2].v_proj = own
+    own[0].forward = lambda x: x  # a user's per-instance forward
+    assert [f.linears for f in find_projections(model)] == [shared]
 
 
 def test_fast_paths_install_and_undo(make_model):
