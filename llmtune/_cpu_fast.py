@@ -251,6 +251,16 @@ class FastPaths:
             self._embedding = embedding
         return self
 
+    def _sparse_grad(self) -> torch.Tensor | None:
+        """The word-embedding gradient, coalesced in place, while it is sparse; else None."""
+        if self._embedding is None:
+            return None
+        weight = self._embedding.weight
+        if weight.grad is None or not weight.grad.is_sparse:
+            return None
+        weight.grad = weight.grad.coalesce()  # returns itself once coalesced
+        return weight.grad
+
     def sparse_rows(self) -> torch.Tensor | None:
         """The sparse word-embedding gradient's values, one row per token id; None if none.
 
@@ -258,23 +268,15 @@ class FastPaths:
         summed row) and returns its values as a view: scaling it in place scales the gradient.
         Its norm is the dense gradient's norm, at ~1,000 rows instead of the vocabulary.
         """
-        if self._embedding is None:
-            return None
-        weight = self._embedding.weight
-        if weight.grad is None or not weight.grad.is_sparse:
-            return None
-        weight.grad = weight.grad.coalesce()
-        return weight.grad._values()
+        grad = self._sparse_grad()
+        return None if grad is None else grad._values()
 
     def densify(self) -> None:
         """Make the sparse word-embedding gradient dense, in a buffer reused every step."""
-        if self._embedding is None:
+        grad = self._sparse_grad()
+        if grad is None:
             return
         weight = self._embedding.weight
-        grad = weight.grad
-        if grad is None or not grad.is_sparse:
-            return
-        grad = grad.coalesce()
         rows = grad._indices()[0]
         if self._buffer is None:
             self._buffer = torch.zeros_like(weight)

@@ -62,7 +62,7 @@ def check_finite(
     first, last = state.batches_done - batches, state.batches_done - 1
     bad = [first + i for i, loss in enumerate(losses) if not torch.isfinite(loss)]
     named = tuner.model.named_parameters()
-    grads = [n for n, p in named if p.grad is not None and not _dense(p.grad).isfinite().all()]
+    grads = [n for n, p in named if p.grad is not None and not _stored_values(p.grad).isfinite().all()]
     what = f"loss in batch index {bad[0]}" if bad else f"gradient of {grads[:1]} (norm {norm:g})"
     where = f"batch index {first}" if first == last else f"batch indices {first}-{last}"
     message = (
@@ -80,6 +80,6 @@ def check_finite(
     return False
 
 
-def _dense(grad: torch.Tensor) -> torch.Tensor:
+def _stored_values(grad: torch.Tensor) -> torch.Tensor:
     """The stored values of a gradient (the fast paths keep the word embedding's sparse)."""
     return grad.coalesce().values() if grad.is_sparse else grad
