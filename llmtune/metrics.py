@@ -16,29 +16,40 @@ def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((logits.argmax(-1) == targets).mean())
 
 
-def _f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:
-    # A class absent from both predictions and targets has F1 0 here, like sklearn's default.
+def _f1_per_class(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    # F1 = 2tp / (2tp + fp + fn); 0 where the class has no targets and no predictions.
     denom = 2 * tp + fp + fn
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(denom, dtype=float), where=denom > 0)
-    return float(f1.mean())
+    return np.divide(2 * tp, denom, out=np.zeros_like(denom, dtype=float), where=denom > 0)
 
 
 def macro_f1(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Unweighted mean of per-class F1 over all classes (sklearn's `average="macro"`)."""
+    """Unweighted mean of per-class F1 over the classes that occur in the targets or the
+    predictions, as scikit-learn's ``f1_score(average="macro")`` does.
+
+    A class the model may output but that neither the targets nor the predictions hold has
+    no F1 at all; counting it as 0 would understate the score (3 of 4 possible classes
+    predicted perfectly would give 0.75 instead of 1.0).
+    """
     k = logits.shape[-1]
     pred = logits.argmax(-1)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (targets, pred), 1)
     tp = np.diag(confusion)
-    return _f1_from_counts(tp, confusion.sum(0) - tp, confusion.sum(1) - tp)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    present = (predicted + actual) > 0
+    return float(_f1_per_class(tp, predicted - tp, actual - tp)[present].mean())
 
 
 def multilabel_f1(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Macro-F1 over labels, each predicted where its logit > 0 (sigmoid > 0.5)."""
+    """Macro-F1 over every label, each predicted where its logit > 0 (sigmoid > 0.5).
+
+    As scikit-learn's ``f1_score(average="macro")`` on indicator arrays: every label column
+    counts, and one with neither targets nor predictions scores 0.
+    """
     pred = logits > 0
     truth = targets > 0.5
     tp = (pred & truth).sum(0)
-    return _f1_from_counts(tp, (pred & ~truth).sum(0), (~pred & truth).sum(0))
+    return float(_f1_per_class(tp, (pred & ~truth).sum(0), (~pred & truth).sum(0)).mean())
 
 
 def subset_accuracy(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -87,3 +87,21 @@ def test_metrics_against_hand_computed_values():
     assert M.multilabel_f1(multi_logits, multi_targets) == pytest.approx(0.5)
     assert M.mse(np.array([[1.0], [3.0]]), np.array([0.0, 1.0])) == pytest.approx(2.5)
     assert M.mae(np.array([[1.0], [3.0]]), np.array([0.0, 1.0])) == pytest.approx(1.5)
+
+
+def test_f1_matches_scikit_learn_on_absent_classes_and_random_cases():
+    from sklearn.metrics import f1_score
+
+    # Perfect predictions over 5 possible outputs, of which only 0, 1 and 3 occur.
+    targets = np.array([0, 1, 3, 3, 1])
+    logits = np.eye(5)[targets]
+    assert M.macro_f1(logits, targets) == 1.0  # averaging over all 5 outputs gave 0.6
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        k, n = rng.integers(2, 7), rng.integers(1, 30)
+        logits, targets = rng.normal(size=(n, k)), rng.integers(0, k, size=n)
+        expected = f1_score(targets, logits.argmax(-1), average="macro", zero_division=0)
+        assert M.macro_f1(logits, targets) == pytest.approx(expected)
+        multi_targets = (rng.random((n, k)) < 0.3).astype(np.float32)
+        expected = f1_score(multi_targets > 0.5, logits > 0, average="macro", zero_division=0)
+        assert M.multilabel_f1(logits, multi_targets) == pytest.approx(expected)
