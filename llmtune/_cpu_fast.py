@@ -35,13 +35,20 @@ from __future__ import annotations
 
 import functools
 import math
+import types
+import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._guard import Gradients
+from .attention import scaled_dot_product_attention
+
 ATTENTION = "llmtune_sdpa"
+# Word embeddings that a running `FastPaths` block made sparse (see its nesting note).
+_SPARSE: weakref.WeakSet[nn.Embedding] = weakref.WeakSet()
 # Names of an attention module's query, key and value projections across encoder families:
 # BERT/RoBERTa/ELECTRA/ALBERT, DistilBERT, most newer models, DeBERTa-v2/v3.
 PROJECTIONS = (
@@ -69,13 +76,15 @@ def drop(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * keep_mask(x.shape, p, x.device).to(x.dtype).mul_(1 / (1 - p))
 
 
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the cheaper CPU mask; identical outside training or off the CPU."""
+def dropout_forward(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Dropout.forward`` with the cheaper CPU mask; identical outside training or off the CPU.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or self.inplace:
-            return super().forward(x)
-        return drop(x, self.p)
+    Installed as the module instance's own ``forward``, so the module itself stays: hooks on
+    it keep firing, and a change to its ``p`` during training takes effect.
+    """
+    if not module.training or not 0 < module.p < 1 or x.device.type != "cpu" or module.inplace:
+        return F.dropout(x, module.p, module.training, module.inplace)
+    return drop(x, module.p)
 
 
 def attention_forward(
@@ -90,9 +99,8 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' SDPA attention, except CPU training with dropout on a bidirectional encoder.
 
-    That case runs the formula of transformers' eager attention (scores in the autocast
-    dtype, softmax in fp32) with `keep_mask` dropout on the probabilities. The mask comes
-    from ``masking_utils.sdpa_mask``: boolean (B, 1, L, S), True = attend, or None.
+    That case runs llmtune's one attention formula (`llmtune.attention`: scores in the
+    autocast dtype, softmax in fp32) with `keep_mask` dropout plugged in on the weights.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -112,17 +120,8 @@ def attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    # In place: neither the matmul's nor the scaling's backward reads these (B, H, L, S)
-    # tensors, so the formula's intermediate copies (12 MB a layer at 32 x 128 tokens) go.
-    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (B, H, L, S)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    output = torch.matmul(drop(probs, dropout), value)  # (B, H, L, Ev)
+    mask = attention_mask  # boolean (B, 1, L, S), True = attend, or None
+    output = scaled_dot_product_attention(query, key, value, mask, dropout, scale=scaling, dropout=drop)
     return output.transpose(1, 2).contiguous(), None  # (B, L, H, Ev)
 
 
@@ -201,37 +200,50 @@ def find_projections(model: nn.Module) -> list[FusedProjections]:
     return found
 
 
-class FastPaths:
+class FastPaths(Gradients):
     """Installs the fast paths on a model for the length of a `with` block.
 
-    After each backward: `sparse_rows` gives the word-embedding gradient's rows (to norm and
-    clip with the other gradients), then `densify` hands the optimizer the dense gradient.
+    It is also the loop's gradient plug (`Gradients`): `tensors` gives the word-embedding
+    gradient as its touched rows (to norm and clip with the other gradients), and
+    `before_step` hands the optimizer the dense gradient.
 
     Args:
         model: the model being trained (its ``nn.Dropout`` modules, SDPA encoder, attention
             projections and word embedding are switched; anything else is left alone).
         sparse_embedding: route the word-embedding gradient through the sparse backward. Off
             under data parallelism, whose reducers want dense gradients.
+
+    Nested blocks on one model (a fit started inside a running fit) share what the outer
+    block installed, and only the block that installed a path removes it.
     """
 
     def __init__(self, model: nn.Module, sparse_embedding: bool = True) -> None:
+        super().__init__(model)
         self.model = model
         self.sparse_embedding = sparse_embedding
-        self._dropouts: list[tuple[nn.Module, str, nn.Dropout]] = []
+        self._dropouts: list[nn.Dropout] = []  # given `dropout_forward` by this block
         self._encoder: nn.Module | None = None  # switched to ATTENTION, back to "sdpa" on exit
         self._projections: list[FusedProjections] = []
-        self._embedding: nn.Embedding | None = None
+        self._embedding: nn.Embedding | None = None  # sparse while the block runs
+        self._owns_embedding = False  # this block made it sparse (an outer one may have)
         self._buffer: torch.Tensor | None = None  # the dense gradient, reused every step
         self._written: torch.Tensor | None = None  # the buffer's rows that are not zero
 
     def __enter__(self) -> FastPaths:
+        try:
+            self._install()
+        except BaseException:
+            self.__exit__()  # whatever was installed before the failure goes again
+            raise
+        return self
+
+    def _install(self) -> None:
         from transformers import PreTrainedModel
 
-        for parent in self.model.modules():
-            for name, child in parent.named_children():
-                if type(child) is nn.Dropout:
-                    setattr(parent, name, Dropout(child.p, child.inplace))
-                    self._dropouts.append((parent, name, child))
+        for module in self.model.modules():
+            if type(module) is nn.Dropout and "forward" not in module.__dict__:
+                module.forward = types.MethodType(dropout_forward, module)
+                self._dropouts.append(module)
         self._projections = find_projections(self.model)
         for fused in self._projections:
             fused.install()
@@ -241,15 +253,22 @@ class FastPaths:
             encoders[0].set_attn_implementation(ATTENTION)
             self._encoder = encoders[0]
         embedding = encoders[0].get_input_embeddings() if encoders else None
-        if (
-            self.sparse_embedding
-            and type(embedding) is nn.Embedding
-            and embedding.weight.requires_grad
-            and not embedding.sparse
-        ):
-            embedding.sparse = True
+        if not (self.sparse_embedding and type(embedding) is nn.Embedding and embedding.weight.requires_grad):
+            return
+        if embedding in _SPARSE:  # an outer block's: gradients arrive sparse here too
             self._embedding = embedding
-        return self
+        elif not embedding.sparse:  # a user's own sparse embedding is left to the user
+            embedding.sparse, self._embedding, self._owns_embedding = True, embedding, True
+            _SPARSE.add(embedding)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The gradients to norm and clip: the dense ones, and the sparse one's touched rows."""
+        dense = [g for g in super().tensors() if not g.is_sparse]
+        rows = self.sparse_rows()
+        return dense + ([rows] if rows is not None else [])
+
+    def before_step(self) -> None:
+        self.densify()
 
     def _sparse_grad(self) -> torch.Tensor | None:
         """The word-embedding gradient, coalesced in place, while it is sparse; else None."""
@@ -287,16 +306,18 @@ class FastPaths:
         weight.grad = self._buffer
 
     def __exit__(self, *exc: object) -> None:
-        for parent, name, original in self._dropouts:
-            setattr(parent, name, original)
+        for module in self._dropouts:
+            del module.forward  # the instance attribute; the class's forward is back
         for fused in self._projections:
             fused.uninstall()
         if self._encoder is not None:
             self._encoder.set_attn_implementation("sdpa")
         if self._embedding is not None:
-            self._embedding.sparse = False
             grad = self._embedding.weight.grad
             if grad is not None and grad.is_sparse:
                 self._embedding.weight.grad = grad.to_dense()
+        if self._owns_embedding:
+            self._embedding.sparse = False
+            _SPARSE.discard(self._embedding)
         self._dropouts, self._projections, self._encoder = [], [], None
-        self._embedding, self._buffer, self._written = None, None, None
+        self._embedding, self._owns_embedding, self._buffer, self._written = None, False, None, None

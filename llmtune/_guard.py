@@ -1,24 +1,34 @@
-"""The NaN/inf guard: a step's loss and gradient norm must be finite before the weights move."""
+"""The NaN/inf guard: a step's loss and gradient norm must be finite before the weights move.
+
+It gives a verdict and explains it; what happens then (raise or skip) is the loop's policy.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
-
-from .errors import TrainingError
+from torch import nn
 
 if TYPE_CHECKING:
-    from .trainer import FineTuner, TrainState
-
-logger = logging.getLogger("llmtune")
+    from .trainer import TrainState
 
 
-def gradients(params: list[torch.Tensor], sparse_rows: torch.Tensor | None) -> list[torch.Tensor]:
-    """The gradients to norm and clip: the dense ones, and a sparse one as its rows' values."""
-    grads = [p.grad for p in params if p.grad is not None and not p.grad.is_sparse]
-    return grads + ([sparse_rows] if sparse_rows is not None else [])
+class Gradients:
+    """The loop's plug point between backward and the optimizer step, for plain gradients.
+
+    `tensors` are what the norm, the finite check and clipping see; `before_step` readies
+    them for the optimizer. The CPU fast paths plug in a sparse word-embedding gradient here.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def before_step(self) -> None:
+        pass
 
 
 def grad_norm(
@@ -39,45 +49,37 @@ def clip(grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None
     torch._foreach_mul_(grads, coef)
 
 
-def check_finite(
-    tuner: FineTuner,
-    state: TrainState,
-    losses: list[torch.Tensor],
-    norm: torch.Tensor,
-    scaler: torch.amp.GradScaler,
-    batches: int,
-) -> bool:
-    """True if the step's loss and gradient norm are finite; else raise, or False to skip.
+def finite(losses: list[torch.Tensor], norm: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Whether a step's losses and gradient norm are finite, as a bool tensor (no host sync).
 
-    The loop's one host sync per optimizer step (the loss is otherwise read only every few
-    steps): cheap next to backward, and it keeps NaN out of the weights and checkpoints.
-    With fp16 the grad scaler skips inf-gradient steps itself, so only the loss counts.
-    Under data parallelism the norm is of the all-reduced gradients, so every rank decides alike.
+    With fp16 the grad scaler skips inf-gradient steps itself (a small scale fixes them),
+    so only the losses count then.
     """
-    finite = torch.isfinite(torch.stack(losses)).all()
-    if not scaler.is_enabled():
-        finite &= torch.isfinite(norm)
-    if finite.item():
-        return True
-    first, last = state.batches_done - batches, state.batches_done - 1
+    ok = torch.isfinite(torch.stack(losses)).all()
+    return ok if scaler.is_enabled() else ok & torch.isfinite(norm)
+
+
+def describe(model: nn.Module, losses: list[torch.Tensor], norm: torch.Tensor, state: TrainState) -> str:
+    """What was not finite in the step that just ended, and where in the epoch it was.
+
+    Under data parallelism every rank skips or raises together; a rank whose own numbers
+    are finite says that another rank's were not.
+    """
+    first, last = state.batches_done - len(losses), state.batches_done - 1
     bad = [first + i for i, loss in enumerate(losses) if not torch.isfinite(loss)]
-    named = tuner.model.named_parameters()
+    named = model.named_parameters()
     grads = [n for n, p in named if p.grad is not None and not _stored_values(p.grad).isfinite().all()]
-    what = f"loss in batch index {bad[0]}" if bad else f"gradient of {grads[:1]} (norm {norm:g})"
+    if bad:
+        what = f"loss in batch index {bad[0]}"
+    elif grads or not torch.isfinite(norm):
+        what = f"gradient of {grads[:1]} (norm {float(norm):g})"
+    else:
+        what = "loss or gradient on another data-parallel rank"
     where = f"batch index {first}" if first == last else f"batch indices {first}-{last}"
-    message = (
+    return (
         f"non-finite {what} at step {state.step + 1} (epoch {state.epoch + 1}, {where} of the epoch's "
         f"{state.batches_per_epoch}); the weights were not updated."
     )
-    if tuner.nonfinite == "raise":
-        raise TrainingError(
-            f"{message} Lower the learning rate, check the data for extreme values, or pass "
-            "FineTuner(nonfinite='skip') to skip such steps."
-        )
-    logger.warning("skipped: %s", message)
-    state.epoch_skipped += 1
-    state.skipped += 1
-    return False
 
 
 def _stored_values(grad: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ Notation used throughout (shapes as in ``torch.nn.functional.scaled_dot_product_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,7 +42,13 @@ __all__ = [
     "llmtune_attention_forward",
     "register",
     "scaled_dot_product_attention",
+    "torch_dropout",
 ]
+
+
+def torch_dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout: zero each weight with probability p, scale the rest by 1 / (1 - p)."""
+    return nn.functional.dropout(weights, p=p, training=True)
 
 
 def scaled_dot_product_attention(
@@ -53,6 +60,7 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     return_weights: bool = False,
+    dropout: Callable[[torch.Tensor, float], torch.Tensor] = torch_dropout,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Compute softmax(Q K^T * scale + M) V, the same contract as torch's fused kernel.
 
@@ -68,6 +76,8 @@ def scaled_dot_product_attention(
             Combined with ``attn_mask`` (both must allow a position) when both are given.
         scale: Multiplier of the scores; defaults to 1 / sqrt(E).
         return_weights: Also return the attention weights that multiplied V.
+        dropout: ``dropout(weights, p)``, the dropout applied to the weights when p > 0;
+            torch's by default (the CPU fast paths plug in a cheaper mask here).
 
     Returns:
         The output, shape (..., L, Ev); or ``(output, weights)`` with weights (..., L, S)
@@ -83,21 +93,25 @@ def scaled_dot_product_attention(
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
 
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale  # (..., L, S)
+    # In place from here on: no backward reads these (..., L, S) copies, so each is one less.
+    scores = torch.matmul(query, key.transpose(-2, -1)).mul_(scale)  # (..., L, S)
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()  # (L, S)
-        scores = torch.where(causal, scores, float("-inf"))  # (..., L, S)
+        scores = scores.masked_fill_(~causal, float("-inf"))  # (..., L, S)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = torch.where(attn_mask, scores, float("-inf"))  # (..., L, S)
+        scores = scores.masked_fill_(~attn_mask, float("-inf"))  # (..., L, S)
     elif attn_mask is not None:
         scores = scores + attn_mask  # (..., L, S)
 
     # A row with every key blocked would be softmax(-inf, ..., -inf) = 0/0 = NaN. Give such
     # rows finite scores so softmax (and its gradient) stays finite, then zero their weights.
     has_key = (scores > float("-inf")).any(dim=-1, keepdim=True)  # (..., L, 1)
-    scores = scores.masked_fill(~has_key, 0.0)  # (..., L, S)
-    weights = torch.softmax(scores, dim=-1) * has_key  # (..., L, S)
-    weights = nn.functional.dropout(weights, p=dropout_p, training=True)  # (..., L, S)
+    scores = scores.masked_fill_(~has_key, 0.0)  # (..., L, S)
+    # Softmax in at least fp32: in bf16 its sums lose the small weights. Then back to V's type.
+    exact = torch.promote_types(scores.dtype, torch.float32)
+    weights = torch.softmax(scores, dim=-1, dtype=exact).to(value.dtype) * has_key  # (..., L, S)
+    if dropout_p > 0:
+        weights = dropout(weights, dropout_p)  # (..., L, S)
     output = torch.matmul(weights, value)  # (..., L, Ev): weights times V, not times W^V
     return (output, weights) if return_weights else output
 

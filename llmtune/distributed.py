@@ -21,11 +21,18 @@ __all__ = ["DistributedContext", "setup"]
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """Where this process stands: its rank among `world_size` and its device."""
+    """Where this process stands: its rank among `world_size`, and how it talks to the others.
+
+    `device` is where the tensors of every collective live and `group` the process group
+    they (and DDP) use, None for the default one. The two always agree: an NCCL group
+    serves only CUDA tensors, so a count built on the CPU would fail there.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    group: Any = None
 
     @property
     def enabled(self) -> bool:
@@ -45,7 +52,7 @@ class DistributedContext:
         if not self.enabled:
             return model
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=self.group)
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """Skip the gradient all-reduce on micro-batches before the last one of a step."""
@@ -60,18 +67,23 @@ class DistributedContext:
         return int(self.sum(torch.tensor(count)).item())
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of a tensor over all ranks (the tensor itself in one process)."""
-        if self.enabled:
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
+        """Sum of a tensor over all ranks, on the tensor's own device (itself in one process)."""
+        if not self.enabled:
+            return value
+        total = value.to(self.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total.to(value.device)
+
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """True when `flag` (a bool tensor) is true on every rank: one decision for all of them."""
+        return bool(self.sum((~flag).to(torch.int32)).item() == 0) if self.enabled else bool(flag)
 
     def gather_rows(self, rows: np.ndarray, indices: np.ndarray, total: int) -> np.ndarray:
         """Put every rank's output rows (for its `indices`) together into one (total, ...) array."""
         if not self.enabled:
             return rows
         parts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(parts, (indices, rows))
+        dist.all_gather_object(parts, (indices, rows), group=self.group)
         out = np.empty((total, *rows.shape[1:]), dtype=rows.dtype)
         for idx, part in parts:
             out[idx] = part
@@ -79,7 +91,7 @@ class DistributedContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
 
 def _shutdown() -> None:
@@ -87,11 +99,20 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _serves(group: Any, device: torch.device) -> bool:
+    """Whether a process group has a backend for tensors on `device` ("nccl": CUDA only)."""
+    types = getattr(group, "_device_types", None)  # torch >= 2.2; older groups: assume yes
+    return types is None or device.type in {t.type for t in types}
+
+
 def setup(device: torch.device) -> tuple[DistributedContext, torch.device]:
     """Join the process group that torchrun describes in the environment, if any.
 
-    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on CUDA, gloo on CPU.
-    Returns the context and the device this rank trains on (cuda:LOCAL_RANK on GPUs).
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK. A group we start serves both devices
+    ("cpu:gloo,cuda:nccl" on GPUs, gloo on CPUs); a group the caller started is used as it
+    is, plus a gloo side group for our collectives when it cannot serve the training
+    device (an NCCL group with a CPU model). Returns the context and the device this rank
+    trains on (cuda:LOCAL_RANK on GPUs).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -101,7 +122,10 @@ def setup(device: torch.device) -> tuple[DistributedContext, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
         # We opened the group, so we close it: gloo aborts the process at exit otherwise.
         atexit.register(_shutdown)
-    return DistributedContext(rank, world_size, local_rank), device
+    group = None
+    if not _serves(dist.group.WORLD, device):
+        group = dist.new_group(backend="gloo")  # collective: every rank builds it here
+    return DistributedContext(rank, world_size, local_rank, device, group), device

@@ -24,7 +24,7 @@ from . import _cpu_fast, _guard, _resume, _runtime, distributed
 from ._batching import BatchLoader
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar
 from .data import DatasetAdapter
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
 from .objectives import Objective
 from .optim import OptimizerFactory
 from .tuning import FeatureLoader, encoder_frozen
@@ -261,7 +261,6 @@ class FineTuner:
         epochs = math.ceil(total_steps / steps_per_epoch)
         optimizer, scheduler = self.optimizer.build(model, total_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        params = [p for p in model.parameters() if p.requires_grad]
         state = self.state = TrainState(
             total_steps=total_steps,
             steps_per_epoch=steps_per_epoch,
@@ -279,11 +278,13 @@ class FineTuner:
             resumed.restore_callbacks_and_rng(self)
         net = self.dist.wrap(model, self.device)
         # Same maths, cheaper CPU kernels (see _cpu_fast); the sparse embedding gradient is
-        # single-process only, as DDP's reducer wants dense gradients.
-        fast = None
+        # single-process only, as DDP's reducer wants dense gradients. The fast paths are
+        # also the loop's gradient plug: the sparse rows stand in for the embedding's gradient.
+        grads: Any = _guard.Gradients(model)
+        fast = contextlib.nullcontext()
         if self.fast_cpu and self.device.type == "cpu":
-            fast = _cpu_fast.FastPaths(model, sparse_embedding=self.dist.world_size == 1)
-        with fast or contextlib.nullcontext():
+            fast = grads = _cpu_fast.FastPaths(model, sparse_embedding=self.dist.world_size == 1)
+        with fast:
             for epoch in range(state.epoch, epochs):
                 if state.step >= total_steps or state.should_stop:
                     break
@@ -291,14 +292,14 @@ class FineTuner:
                 loader.set_epoch(epoch)
                 model.train()
                 self.emit("on_epoch_start", state)
-                self._train_epoch(net, loader, params, fast)
+                self._train_epoch(net, loader, grads)
 
                 record: dict[str, Any] = {
                     "epoch": epoch + 1,
                     "step": state.step,
                     "train_loss": (self.dist.sum(state.epoch_loss) / state.epoch_examples).item(),
                 }
-                if self.nonfinite == "skip":
+                if self.nonfinite == "skip" or scaler.is_enabled():
                     record["skipped_steps"] = state.epoch_skipped
                 if validation is not None:
                     state.metrics = self.evaluate(validation)
@@ -311,58 +312,94 @@ class FineTuner:
         self.emit("on_fit_end", state)
         return state.history
 
-    def _train_epoch(
-        self,
-        net: torch.nn.Module,
-        loader: BatchLoader | FeatureLoader,
-        params: list,
-        fast: _cpu_fast.FastPaths | None,
-    ) -> None:
+    def _train_epoch(self, net: torch.nn.Module, loader: BatchLoader | FeatureLoader, grads: Any) -> None:
         """One epoch's optimizer steps (or fewer, at max_steps or should_stop)."""
-        state, world = self.state, self.dist.world_size
-        optimizer, scheduler, scaler = state.optimizer, state.scheduler, state.scaler
+        state = self.state
         # A resumed run continues inside its epoch: the batch order is fixed by (seed, epoch).
         for window in _windows(itertools.islice(loader, state.batches_done, None), self.grad_accum):
-            n = self.dist.total(sum(len(batch["labels"]) for batch in window))  # all ranks
-            step_loss, losses = torch.zeros((), device=self.device), []
-            for i, batch in enumerate(window):
-                batch = _runtime.to_device(batch, self.device)
-                with self.dist.no_sync(net, sync=i == len(window) - 1):
-                    with _runtime.autocast(self.device, self.dtype):
-                        logits = net(**batch)
-                    # Each example weighs 1/n, so the step's gradient is that of one batch of all
-                    # n examples; DDP averages over ranks, hence the factor `world`.
-                    loss = self.objective(logits, batch["labels"]) * (len(batch["labels"]) * world / n)
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-                losses.append(loss.detach())
-            # With the fast paths the word-embedding gradient is still sparse here: its
-            # ~1,000 touched rows stand in for the whole vocabulary in the norm and clipping.
-            grads = _guard.gradients(params, fast.sparse_rows() if fast is not None else None)
-            grad_norm = _guard.grad_norm(grads, optimizer, scaler)
+            n, losses = self._backward(net, window)
             state.batches_done += len(window)
-            if not _guard.check_finite(self, state, losses, grad_norm, scaler, len(window)):
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()  # an fp16 scaler also lowers its scale here
+            if not self._step(losses, grads):
                 continue
-            # Below the threshold clipping multiplies every gradient by 1.0: skip that pass
-            # (2.5 ms of a 150 ms MiniLM CPU step). The guard has just synced: the read is free.
-            if self.max_grad_norm is not None and float(grad_norm) + 1e-6 > self.max_grad_norm:
-                _guard.clip(grads, self.max_grad_norm, grad_norm)
-            if fast is not None:
-                fast.densify()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.stack(losses).sum()
             state.step += 1
             state.examples_seen += n
-            state.epoch_loss += step_loss * n / world  # this rank's share of the loss sum
+            state.epoch_loss += step_loss * n / self.dist.world_size  # this rank's share of the sum
             state.epoch_examples += n
             tokens = sum(int(b["attention_mask"].sum()) for b in window if "attention_mask" in b)
             self.emit("on_step_end", state, loss=step_loss, examples=n, tokens=tokens)
             if state.step >= state.total_steps or state.should_stop:
                 break
+
+    def _backward(self, net: torch.nn.Module, window: list[dict]) -> tuple[int, list[torch.Tensor]]:
+        """Forward and backward over one accumulation window; returns (examples on all ranks, losses).
+
+        Each example weighs 1/n, so the accumulated gradient is that of one batch of all n
+        examples; DDP averages over ranks, hence the factor `world`.
+        """
+        world, scaler = self.dist.world_size, self.state.scaler
+        n = self.dist.total(sum(len(batch["labels"]) for batch in window))
+        losses = []
+        for i, batch in enumerate(window):
+            batch = _runtime.to_device(batch, self.device)
+            with self.dist.no_sync(net, sync=i == len(window) - 1):
+                with _runtime.autocast(self.device, self.dtype):
+                    logits = net(**batch)
+                loss = self.objective(logits, batch["labels"]) * (len(batch["labels"]) * world / n)
+                scaler.scale(loss).backward()
+            losses.append(loss.detach())
+        return n, losses
+
+    def _step(self, losses: list[torch.Tensor], grads: Any) -> bool:
+        """Check, clip and apply the accumulated gradients; False when the step is skipped.
+
+        A skipped step (non-finite with `nonfinite="skip"`, or an fp16 overflow the grad
+        scaler refused) leaves weights, schedule and step counter as they were and is counted
+        in `skipped_steps`. The finite check is the loop's one host sync per step, and one
+        decision for all data-parallel ranks, so none steps while another skips.
+        """
+        state = self.state
+        optimizer, scheduler, scaler = state.optimizer, state.scheduler, state.scaler
+        tensors = grads.tensors()
+        norm = _guard.grad_norm(tensors, optimizer, scaler)
+        if not self.dist.all_true(_guard.finite(losses, norm, scaler)):
+            message = _guard.describe(self.model, losses, norm, state)
+            if self.nonfinite == "raise":
+                raise TrainingError(
+                    f"{message} Lower the learning rate, check the data for extreme values, or pass "
+                    "FineTuner(nonfinite='skip') to skip such steps."
+                )
+            logger.warning("skipped: %s", message)
+            return self._skipped(optimizer, scaler.update)
+        # Below the threshold clipping multiplies every gradient by 1.0: skip that pass
+        # (2.5 ms of a 150 ms MiniLM CPU step). The check has just synced: the read is free.
+        limit = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        if limit < float(norm) + 1e-6 < math.inf:  # an fp16 overflow: the scaler skips it below
+            _guard.clip(tensors, limit, norm)
+        grads.before_step()
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)
+        scaler.update()
+        if scale is not None and scaler.get_scale() < scale:
+            # The scaler found inf/NaN gradients and left the weights alone (the usual first
+            # steps of fp16, until the scale fits): not a step, as for the guard.
+            logger.info(
+                "fp16 overflow at step %d: skipped; loss scale %g -> %g",
+                state.step + 1,
+                scale,
+                scaler.get_scale(),
+            )
+            return self._skipped(optimizer)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _skipped(self, optimizer: torch.optim.Optimizer, then: Callable[[], Any] = lambda: None) -> bool:
+        optimizer.zero_grad(set_to_none=True)
+        then()  # after a guard skip the fp16 scaler still lowers its scale
+        self.state.epoch_skipped += 1
+        self.state.skipped += 1
+        return False
 
     def cache_features(self, loader: BatchLoader) -> BatchLoader | FeatureLoader:
         """On a frozen encoder (e.g. `HeadOnly`), run it once per example and train on its features.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import sentiment_texts  # noqa: E402
 
-from llmtune import Checkpoint, ClassifierModel, DatasetAdapter, FineTuner, OptimizerFactory  # noqa: E402
+from llmtune import (  # noqa: E402
+    Checkpoint,
+    ClassifierModel,
+    DatasetAdapter,
+    FineTuner,
+    OptimizerFactory,
+    TrainingError,
+)
 
 
 def main() -> None:
@@ -30,7 +38,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--tuning", default="full", choices=["full", "head", "lora"])
+    parser.add_argument("--init-group", default=None, help="start the process group first, e.g. cuda:gloo")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--nan-at", default=None, help="RANK:CALL: that rank's CALL-th forward gives NaN")
+    parser.add_argument("--nonfinite", default="raise")
     args = parser.parse_args()
+
+    if args.init_group:
+        # As a user's script would: a group whose backend serves only CUDA tensors (NCCL's
+        # case, simulated by "cuda:gloo" on a CPU machine), started before llmtune sees it.
+        torch.distributed.init_process_group(args.init_group)
 
     texts, labels = sentiment_texts(70, seed=1)
     train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.2, seed=0)
@@ -41,6 +58,17 @@ def main() -> None:
 
         model.tune(HeadOnly() if args.tuning == "head" else LoRA(r=4, alpha=8, dropout=0.0))
     out = Path(args.out)
+    if args.nan_at:
+        rank, call = map(int, args.nan_at.split(":"))
+        calls = []
+
+        def poison(module, inputs, output):
+            calls.append(1)
+            if int(os.environ.get("RANK", "0")) == rank and len(calls) == call:
+                return output * float("nan")
+            return None
+
+        model.head.register_forward_hook(poison)
     tuner = FineTuner(
         model,
         # SGD: Adam divides by sqrt(v) and magnifies float-summation-order noise in tiny gradients.
@@ -49,12 +77,18 @@ def main() -> None:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
-        precision="fp32",
+        precision=args.precision,
+        nonfinite=args.nonfinite,
         progress=True,  # the bar lives on rank 0 only; this runs that path on every rank
         keep_best=False,
         callbacks=[Checkpoint(out / "ckpt", every_n_steps=3, keep_last=None)],
     )
-    history = tuner.fit(train, val, resume_from=args.resume)
+    try:
+        history = tuner.fit(train, val, resume_from=args.resume)
+    except TrainingError as err:
+        rank = os.environ.get("RANK", "0")
+        (out / f"error.rank{rank}").write_text(str(err))
+        return
     metrics = tuner.evaluate(val)
     if tuner.is_main:
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

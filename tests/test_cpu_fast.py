@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import sentiment_texts
 
-from llmtune import DatasetAdapter, FineTuner, OptimizerFactory
+from llmtune import Callback, DatasetAdapter, FineTuner, OptimizerFactory
 from llmtune._cpu_fast import (
     ATTENTION,
-    Dropout,
     FastPaths,
     FusedProjections,
     attention_forward,
     drop,
+    dropout_forward,
     find_projections,
     keep_mask,
 )
@@ -52,15 +52,15 @@ def test_drop_scales_kept_and_zeroes_dropped_with_matching_gradient():
     torch.testing.assert_close(x.grad, kept.double() / 0.75)
 
 
-def test_dropout_module_is_identity_in_eval_and_like_nn_dropout_in_training():
+def test_dropout_forward_is_identity_in_eval_and_like_nn_dropout_in_training():
     x = torch.randn(8, 16)
-    module = Dropout(0.3)
-    assert torch.equal(module.eval()(x), x)
-    out = module.train()(x)
+    module = torch.nn.Dropout(0.3)
+    assert torch.equal(dropout_forward(module.eval(), x), x)
+    out = dropout_forward(module.train(), x)
     kept = out != 0
     torch.testing.assert_close(out[kept], x[kept] / 0.7)
-    assert torch.equal(Dropout(0.0).train()(x), x)
-    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    assert torch.equal(dropout_forward(torch.nn.Dropout(0.0).train(), x), x)
+    assert torch.equal(dropout_forward(torch.nn.Dropout(1.0).train(), x), torch.zeros_like(x))
 
 
 def _qkv_mask(dtype=torch.float64):
@@ -145,8 +145,7 @@ def test_fast_paths_install_and_undo(make_model):
     embedding = model.encoder.get_input_embeddings()
     keys = list(model.state_dict())
     with pytest.raises(RuntimeError, match="boom"), FastPaths(model):
-        assert not any(type(m) is torch.nn.Dropout for m in model.modules())
-        assert sum(isinstance(m, Dropout) for m in model.modules()) == len(originals)
+        assert all(m.forward.__func__ is dropout_forward for m in originals)
         assert model.encoder.config._attn_implementation == ATTENTION
         assert embedding.sparse
         query = model.encoder.encoder.layer[0].attention.self.query
@@ -280,4 +279,57 @@ def test_fast_paths_on_other_encoder_families(family):
     grad = encoder.get_input_embeddings().weight.grad
     assert grad is not None and not grad.is_sparse and grad.abs().sum() > 0
     assert encoder.config._attn_implementation == attention
-    assert not any(isinstance(m, Dropout) for m in encoder.modules())
+    assert not any("forward" in m.__dict__ for m in encoder.modules())
+
+
+def test_dropout_hooks_keep_firing_and_a_change_during_fit_is_kept(make_model):
+    model = make_model()
+    texts, labels = sentiment_texts(16)
+    calls = []
+    dropout = model.dropout  # the head's; the encoder's are patched the same way
+    dropout.register_forward_hook(lambda module, inputs, output: calls.append(module.p))
+
+    class NoDropoutFromEpoch2(Callback):
+        def on_epoch_start(self, tuner, state, **kwargs):
+            if state.epoch == 1:
+                dropout.p = 0.0
+
+    FineTuner(model, epochs=2, batch_size=8, progress=False, callbacks=[NoDropoutFromEpoch2()]).fit(
+        DatasetAdapter.from_lists(texts, labels)
+    )
+    assert calls[:2] == [0.1, 0.1] and calls[-1] == 0.0  # fired in both epochs, saw the change
+    assert dropout.p == 0.0 and "forward" not in dropout.__dict__
+
+
+def test_a_fit_inside_a_running_fit_trains_and_undoes_only_its_own_paths(make_model):
+    model = make_model()
+    texts, labels = sentiment_texts(16)
+    data = DatasetAdapter.from_lists(texts, labels)
+    embedding = model.encoder.get_input_embeddings()
+    inner = []
+
+    class InnerFit(Callback):
+        def on_epoch_end(self, tuner, state, **kwargs):
+            before = [p.detach().clone() for p in model.parameters()]
+            FineTuner(model, epochs=1, batch_size=8, progress=False, keep_best=False).fit(data)
+            changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+            inner.append((sum(changed), embedding.sparse))
+
+    FineTuner(model, epochs=2, batch_size=8, progress=False, callbacks=[InnerFit()]).fit(data)
+    # The inner fits trained every parameter, word embedding included, and left the outer
+    # fit's sparse embedding in place; the outer fit undid everything at its end.
+    assert inner == [(len(list(model.parameters())), True)] * 2
+    assert not embedding.sparse and not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_failure_while_installing_undoes_what_was_installed(make_model, monkeypatch):
+    model = make_model()
+    import llmtune._cpu_fast as fast_module
+
+    def broken(model):
+        raise RuntimeError("projections")
+
+    monkeypatch.setattr(fast_module, "find_projections", broken)
+    with pytest.raises(RuntimeError, match="projections"), FastPaths(model):
+        pass
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the dropouts are back
