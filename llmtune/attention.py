@@ -93,23 +93,27 @@ def scaled_dot_product_attention(
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
 
+    # Which keys each query may see: the causal pattern and the mask together, (..., L, S).
+    allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril() if is_causal else None
+    if attn_mask is not None:
+        given = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        allowed = given if allowed is None else allowed & given
+
     # In place from here on: no backward reads these (..., L, S) copies, so each is one less.
     scores = torch.matmul(query, key.transpose(-2, -1)).mul_(scale)  # (..., L, S)
-    if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()  # (L, S)
-        scores = scores.masked_fill_(~causal, float("-inf"))  # (..., L, S)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill_(~attn_mask, float("-inf"))  # (..., L, S)
-    elif attn_mask is not None:
-        scores = scores + attn_mask  # (..., L, S)
-
-    # A row with every key blocked would be softmax(-inf, ..., -inf) = 0/0 = NaN. Give such
-    # rows finite scores so softmax (and its gradient) stays finite, then zero their weights.
-    has_key = (scores > float("-inf")).any(dim=-1, keepdim=True)  # (..., L, 1)
-    scores = scores.masked_fill_(~has_key, 0.0)  # (..., L, S)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.masked_fill(~allowed, 0.0)  # (..., L, S); -inf comes next
+    if allowed is not None:
+        # A row with every key blocked would be softmax(-inf, ..., -inf) = 0/0 = NaN. Such a
+        # row keeps its finite scores, so softmax (and its gradient) stays finite, and its
+        # weights are zeroed below.
+        has_key = allowed.any(dim=-1, keepdim=True)  # (..., L, 1)
+        scores = scores.masked_fill_(has_key & ~allowed, float("-inf"))  # (..., L, S)
     # Softmax in at least fp32: in bf16 its sums lose the small weights. Then back to V's type.
     exact = torch.promote_types(scores.dtype, torch.float32)
-    weights = torch.softmax(scores, dim=-1, dtype=exact).to(value.dtype) * has_key  # (..., L, S)
+    weights = torch.softmax(scores, dim=-1, dtype=exact).to(value.dtype)  # (..., L, S)
+    if allowed is not None:
+        weights = weights * has_key  # (..., L, S)
     if dropout_p > 0:
         weights = dropout(weights, dropout_p)  # (..., L, S)
     output = torch.matmul(weights, value)  # (..., L, Ev): weights times V, not times W^V
