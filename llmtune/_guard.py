@@ -82,6 +82,14 @@ def describe(model: nn.Module, losses: list[torch.Tensor], norm: torch.Tensor, s
     )
 
 
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point tensors that hold NaN or inf (one host sync if none)."""
+    tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    if not tensors or torch.stack([torch.isfinite(v).all() for v in tensors.values()]).all():
+        return []
+    return [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+
+
 def _stored_values(grad: torch.Tensor) -> torch.Tensor:
     """The stored values of a gradient (the fast paths keep the word embedding's sparse)."""
     return grad.coalesce().values() if grad.is_sparse else grad

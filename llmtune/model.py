@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,35 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _runtime
+from . import _families, _loading, _runtime
 from ._batching import Tokenized
 from ._labels import TASKS
-from .errors import ConfigError
+from ._layers import find_layers
+from ._loading import HEAD_CONFIG, HEAD_FORMAT, HEAD_WEIGHTS
+from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from .tuning import TuningStrategy
 
 __all__ = ["ClassifierModel"]
 
-HEAD_CONFIG = "llmtune_head.json"
-HEAD_WEIGHTS = "llmtune_head.safetensors"
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # transformers prints a load report for the pooler weights we drop on purpose.
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+logger = logging.getLogger("llmtune")
 
 
 def _adapter_base(name_or_dir: str | os.PathLike, tuning: dict[str, Any], base: Any) -> Any:
@@ -81,6 +65,46 @@ def checkpoint_pooling(name_or_dir: str | os.PathLike, **hub_kwargs: Any) -> str
     return "cls"
 
 
+def _max_length(given: int | None, tokenizer: Any, config: Any) -> int:
+    """The longest input: as given, else the tokenizer's limit, at most 512 and the positions."""
+    limit = _families.positions(config)
+    if given is not None:
+        if limit is not None and given > limit:
+            raise ConfigError(
+                f"max_length={given} but the encoder has {limit} positions; a longer input would "
+                f"crash it. Pass max_length <= {limit}."
+            )
+        return given
+    model_max = getattr(tokenizer, "model_max_length", None) or 512
+    return min(model_max if model_max < 10**6 else 512, 512, limit or 512)
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token its end-of-sequence token to pad with (decoders).
+
+    Padded positions are masked out, so which token fills them does not matter.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path!r} has no pad token and no end-of-sequence token to "
+            "pad with; set one: tokenizer.pad_token = '<pad>' (and resize the embeddings)."
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.info("tokenizer %r has no pad token: padding with %r", tokenizer.name_or_path, tokenizer.eos_token)
+
+
+def _text_list(texts: Sequence[str], name: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"predict takes a list of texts, not one string; wrap it: [text] ({name})")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"{name}[{i}] is {text!r} ({type(text).__name__}), not a string.")
+    return texts
+
+
 class ClassifierModel(nn.Module):
     """Encoder + pooling + dropout + linear head; `forward` returns logits.
 
@@ -92,7 +116,15 @@ class ClassifierModel(nn.Module):
         num_labels: output width; defaults to len(labels), or 1 for regression.
         pooling: "cls" (first token) or "mean" (mean over non-pad tokens).
         dropout: dropout before the head; None takes the encoder's hidden dropout.
-        max_length: longest input in tokens; longer texts are truncated.
+        max_length: longest input in tokens; longer texts are truncated. Default: the
+            tokenizer's limit, at most 512 and at most the encoder's positions.
+        seed: seeds the head's initialisation, so the same seed gives the same model in
+            every process (torch seeds its own generator at random); None draws from torch's.
+
+    Raises:
+        ConfigError: unknown task or pooling, labels that contradict `num_labels`, empty or
+            duplicate labels, a `max_length` beyond the encoder's positions, or a tokenizer
+            with neither a pad nor an end-of-sequence token to pad with.
 
     Example:
         >>> model = ClassifierModel.from_pretrained("bert-base-uncased", labels=["neg", "pos"])
@@ -111,6 +143,7 @@ class ClassifierModel(nn.Module):
         pooling: str = "cls",
         dropout: float | None = None,
         max_length: int | None = None,
+        seed: int | None = 0,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -118,6 +151,8 @@ class ClassifierModel(nn.Module):
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         labels = [str(x) for x in labels] if labels is not None else None
+        if labels is not None and (not labels or len(set(labels)) != len(labels)):
+            raise ConfigError(f"labels must be distinct names, at least one; got {labels}")
         if task != "regression" and labels is None and num_labels is None:
             raise ConfigError(f"a {task} model needs labels=[...] or num_labels=N")
         if labels is not None and num_labels is not None and num_labels != len(labels):
@@ -131,12 +166,17 @@ class ClassifierModel(nn.Module):
         self.pooling = pooling
         config = encoder.config
         self.dropout_p = getattr(config, "hidden_dropout_prob", 0.1) if dropout is None else dropout
-        model_max = getattr(tokenizer, "model_max_length", 512)
-        self.max_length = max_length or min(model_max if model_max < 10**6 else 512, 512)
+        self.max_length = _max_length(max_length, tokenizer, config)
+        _ensure_pad_token(tokenizer)
         width = len(labels) if labels is not None else (num_labels or 1)
         self.dropout = nn.Dropout(self.dropout_p)
         self.head = nn.Linear(config.hidden_size, width)
-        nn.init.normal_(self.head.weight, std=getattr(config, "initializer_range", 0.02))
+        self.seed = seed
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            std = getattr(config, "initializer_range", 0.02)
+            drawn = torch.empty(self.head.weight.shape, device="cpu").normal_(0.0, std, generator=generator)
+            self.head.weight.copy_(drawn)
         nn.init.zeros_(self.head.bias)
         self.tuning: TuningStrategy | None = None  # set by tune(); None: every parameter trains
 
@@ -154,6 +194,7 @@ class ClassifierModel(nn.Module):
         dropout: float | None = None,
         max_length: int | None = None,
         base: str | os.PathLike | None = None,
+        seed: int | None = 0,
         **encoder_kwargs: Any,
     ) -> ClassifierModel:
         """Load an encoder and tokenizer by Hub name or local directory, and add a new head.
@@ -165,55 +206,53 @@ class ClassifierModel(nn.Module):
 
         A LoRA directory (adapter + head, see `llmtune.LoRA`) loads its adapter on top of the
         base encoder it recorded, or on `base` (Hub name or directory) when given.
+
+        Raises:
+            ConfigError: a local path that does not exist, a directory without tokenizer
+                files, or arguments that contradict a saved model's labels, task or pooling.
+            CheckpointError: encoder weights missing or not fitting the config, a damaged
+                file, NaN weights, or a head file from a newer llmtune.
         """
-        from safetensors.torch import load_file
-        from transformers import AutoModel, AutoTokenizer
-
-        head_file = Path(name_or_dir) / HEAD_CONFIG
-        saved = json.loads(head_file.read_text()) if head_file.is_file() else None
+        directory = _loading.local_or_hub(name_or_dir)
+        saved = _loading.read_head(directory)
         tuning = (saved or {}).get("tuning") or {}
-        source = _adapter_base(name_or_dir, tuning, base)
-        with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-            try:
-                encoder = AutoModel.from_pretrained(source, add_pooling_layer=False, **encoder_kwargs)
-            except TypeError:  # encoders without a pooler layer do not take the argument
-                encoder = AutoModel.from_pretrained(source, **encoder_kwargs)
-        if saved is not None:
-            if labels is not None and [str(x) for x in labels] != saved["labels"]:
-                raise ConfigError(
-                    f"{name_or_dir} was trained with labels {saved['labels']}, not {list(labels)}"
-                )
-            model = cls(
-                encoder,
-                tokenizer,
-                labels=saved["labels"],
-                task=saved["task"],
-                num_labels=saved["num_labels"],
-                pooling=saved["pooling"],
-                dropout=saved["dropout"] if dropout is None else dropout,
-                max_length=max_length or saved["max_length"],
+        source = _adapter_base(directory, tuning, base)
+        encoder = _loading.load_encoder(str(source), **encoder_kwargs)
+        tokenizer = _loading.load_tokenizer(directory, getattr(encoder.config, "vocab_size", None))
+        if saved is None:
+            if pooling == "auto":
+                pooling = checkpoint_pooling(directory)
+            if task is None:
+                task = "regression" if labels is None and num_labels in (None, 1) else "classification"
+            options = dict(labels=labels, task=task, num_labels=num_labels, pooling=pooling)
+            return cls(encoder, tokenizer, dropout=dropout, max_length=max_length, seed=seed, **options)
+        given = {"labels": None if labels is None else [str(x) for x in labels], "task": task}
+        given |= {"num_labels": num_labels, "pooling": None if pooling == "auto" else pooling}
+        clash = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != saved[k]]
+        if clash:
+            trained = ", ".join(f"{k} {saved[k]!r}" for k in given)
+            raise ConfigError(
+                f"{directory} was trained with {trained}; {', '.join(clash)} contradict it. Leave "
+                "them out to load it as saved, or load its encoder into a new model."
             )
-            model.head.load_state_dict(load_file(Path(name_or_dir) / HEAD_WEIGHTS))
-            if tuning.get("name") == "LoRA":
-                from .tuning import LoRA
-
-                LoRA.attach(model, name_or_dir, tuning)
-            return model
-        if pooling == "auto":
-            pooling = checkpoint_pooling(name_or_dir)
-        if task is None:
-            task = "regression" if labels is None and num_labels in (None, 1) else "classification"
-        return cls(
+        model = cls(
             encoder,
             tokenizer,
-            labels=labels,
-            task=task,
-            num_labels=num_labels,
-            pooling=pooling,
-            dropout=dropout,
-            max_length=max_length,
+            labels=saved["labels"],
+            task=saved["task"],
+            num_labels=saved["num_labels"],
+            pooling=saved["pooling"],
+            dropout=saved["dropout"] if dropout is None else dropout,
+            max_length=max_length or saved["max_length"],
+            seed=seed,
         )
+        _loading.load_head(model.head, directory)
+        if tuning.get("name") == "LoRA":
+            from .tuning import LoRA
+
+            LoRA.attach(model, directory, tuning)
+        _loading.check_finite(model, directory)
+        return model
 
     def head_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -223,6 +262,7 @@ class ClassifierModel(nn.Module):
             "pooling": self.pooling,
             "dropout": self.dropout_p,
             "max_length": self.max_length,
+            "format": HEAD_FORMAT,
         }
         if self.tuning is not None:  # LoRA's record says which base encoder the adapter needs
             config["tuning"] = self.tuning.record(self)
@@ -239,7 +279,7 @@ class ClassifierModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with _quiet_transformers():
+        with _loading.quiet_transformers():
             self.encoder.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
         head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
@@ -271,6 +311,14 @@ class ClassifierModel(nn.Module):
         from .tuning import merge_adapters
 
         return merge_adapters(self)
+
+    def encoder_layers(self) -> nn.ModuleList | None:
+        """The encoder's stacked blocks, one module per layer (None: they cannot be told apart).
+
+        Found from the module structure (`_layers.find_layers`); `TopLayers` and layer-wise
+        LR decay both ask here. Override for an encoder whose layers it does not find.
+        """
+        return find_layers(self.encoder)
 
     # -- forward ------------------------------------------------------------------------
 
@@ -350,10 +398,14 @@ class ClassifierModel(nn.Module):
         natively (CUDA, CPUs with AVX-512 BF16 or AMX: ~2-4x faster, outputs within ~1e-2),
         else fp32; "fp32" gives exact outputs.
         """
-        if isinstance(texts, str):
-            raise TypeError("predict takes a list of texts, not one string; wrap it: [text]")
-        texts = list(texts)
-        pairs = list(text_pairs) if text_pairs is not None else None
+        texts = _text_list(texts, "texts")
+        pairs = None if text_pairs is None else _text_list(text_pairs, "text_pairs")
+        if pairs is not None and len(pairs) != len(texts):
+            raise DataError(f"{len(texts)} texts but {len(pairs)} text_pairs.")
+        if not texts:
+            return np.zeros((0, self.head.out_features), dtype=np.float32)
+        if self.tokenizer.pad_token_id is None:
+            raise ConfigError(f"tokenizer {self.tokenizer.name_or_path!r} has no pad token; set one.")
         enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
         data = Tokenized.from_rows(
             enc["input_ids"], enc.get("token_type_ids"), None, int(self.tokenizer.pad_token_id)

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._layers import layer_depths, layers_of
 from .errors import ConfigError
 
 __all__ = ["OptimizerFactory"]
 
 SCHEDULES = ("constant", "linear", "cosine")
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
-_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-
-
-def layer_depth(name: str, num_layers: int) -> int:
-    """Depth of an encoder parameter by its name: 0 embeddings, i + 1 for layer i, L + 1 above."""
-    match = _LAYER.search(name)
-    if match:
-        return int(match.group(1)) + 1
-    return 0 if "embed" in name else num_layers + 1
 
 
 @dataclass(frozen=True)
@@ -32,7 +23,8 @@ class OptimizerFactory:
 
     Parameter groups: no weight decay on biases and normalisation weights; the freshly
     initialised head (`model.head`) gets `head_lr`; with `layer_decay=d` the encoder layer
-    at depth i of L gets `lr * d ** (L - i)` (embeddings are depth 0). Only parameters with
+    at depth i of L gets `lr * d ** (L - i)` (embeddings are depth 0; the depths come from
+    the model's layers, `ClassifierModel.encoder_layers`). Only parameters with
     `requires_grad` are handed to the optimizer.
 
     Args:
@@ -113,25 +105,26 @@ class OptimizerFactory:
                     names.add(f"{module_name}.{param_name}" if module_name else param_name)
         return names
 
-    def layer_depth(self, name: str, num_layers: int) -> int:
-        """Depth of an encoder parameter: 0 embeddings, i + 1 for layer i, L + 1 above the layers."""
-        return layer_depth(name, num_layers)
-
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Trainable parameters grouped by (learning rate, weight decay)."""
         no_decay = self.no_decay_names(model)
         head = getattr(model, "head", None)
         head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-        config = getattr(getattr(model, "encoder", model), "config", None)
-        num_layers = getattr(config, "num_hidden_layers", 0) or 0
+        # Encoder parameters by depth (see `_layers`), prefixed as in model.named_parameters().
+        depths: dict[str, int] = {}
+        num_layers = 0
+        if self.layer_decay is not None:
+            prefix = "encoder." if isinstance(getattr(model, "encoder", None), nn.Module) else ""
+            depths = {prefix + name: d for name, d in layer_depths(model).items()}
+            num_layers = len(layers_of(model))
         groups: dict[tuple[float, float], list[torch.Tensor]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
             if id(param) in head_ids:
                 lr = self.resolved_head_lr
-            elif self.layer_decay is not None and num_layers:
-                depth = min(self.layer_depth(name, num_layers), num_layers)
+            elif name in depths:
+                depth = min(depths[name], num_layers)  # above the layers counts as the top one
                 lr = self.lr * self.layer_decay ** (num_layers - depth)
             else:
                 lr = self.lr

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from . import _runtime
+from ._layers import layer_depths, layers_of
 from .errors import ConfigError
-from .optim import layer_depth
 
 if TYPE_CHECKING:
     from ._batching import BatchLoader
@@ -175,14 +175,23 @@ class TopLayers(TuningStrategy):
             raise ConfigError(f"TopLayers needs k >= 1 layers, got {self.k!r}")
 
     def apply(self, model: ClassifierModel) -> ClassifierModel:
-        num_layers = _num_layers(model)
+        """Train the top `k` layers and what sits above them (a final norm), plus the head.
+
+        Raises:
+            ConfigError: k exceeds the layers, or the encoder's layers cannot be told apart
+                (ALBERT shares one set of weights across them).
+        """
+        _refuse_adapters(model, self)
+        num_layers = len(layers_of(model))
         if self.k > num_layers:
             raise ConfigError(f"TopLayers(k={self.k}) but the encoder has {num_layers} layers")
-        return super().apply(model)
+        depths = layer_depths(model)  # layer i has depth i + 1, embeddings 0, a final norm L + 1
+        for name, param in model.encoder.named_parameters():
+            param.requires_grad_(depths[name] > num_layers - self.k)
+        return self._finish(model)
 
     def trains(self, name: str, num_layers: int) -> bool:
-        # Layer i has depth i + 1; a final norm above the layers trains, embeddings do not.
-        return layer_depth(name, num_layers) > num_layers - self.k
+        raise NotImplementedError("TopLayers decides by depth, in apply()")
 
 
 @dataclass(frozen=True)
@@ -256,7 +265,13 @@ class LoRA(TuningStrategy):
         config = peft.LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.targets)
         )
-        with warnings.catch_warnings():
+        seed = getattr(model, "seed", None)
+        # The adapters' A matrices are drawn here, before FineTuner seeds anything: from the
+        # model's own seed, so the same seed gives the same adapters in every process.
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        with torch.random.fork_rng(devices=cuda, enabled=seed is not None), warnings.catch_warnings():
+            if seed is not None:
+                torch.manual_seed(seed)
             # peft 0.21 asks transformers 5 a deprecated question about gradient checkpointing.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model.encoder = peft.get_peft_model(model.encoder, config)
