@@ -186,16 +186,13 @@ class DatasetAdapter:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **kwargs: Any) -> DatasetAdapter:
-        """From a JSON list of records or a JSON-lines file (`.jsonl`, one record a line)."""
-        import pandas as pd
+        """From a JSON array of records or a JSON-lines file (one record a line).
 
-        lines = str(path).endswith((".jsonl", ".ndjson"))
-        try:
-            frame = pd.read_json(path, lines=lines, orient=None if lines else "records", dtype=False)
-        except ValueError as err:
-            raise DataError(f"{path}: not valid {'JSON lines' if lines else 'JSON'} ({err}).") from None
+        The content decides which, not the extension; errors name the line.
+        """
+        columns = _files.read_json(path)
         kwargs.setdefault("source", str(path))
-        return cls.from_pandas(frame, **kwargs)
+        return cls(columns, **kwargs)
 
     @classmethod
     def from_lists(

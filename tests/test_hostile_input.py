@@ -6,6 +6,8 @@ stratify, and loaders yield every example exactly once per epoch, over random da
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,60 @@ def test_csv_text_columns_stay_text_and_labels_keep_their_type(tmp_path):
     assert data.labels == ["1", "2", "a"]  # pandas gives strings for a mixed column: three classes
     bools = DatasetAdapter.from_csv(csv_file(tmp_path, "text,label\nx,True\ny,False\n", "b.csv"))
     assert bools.labels == ["False", "True"] and bools.dataset["label"] == [1, 0]
+
+
+RECORDS = [{"text": "a good film", "label": "pos"}, {"text": "dull", "label": "neg"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        (
+            "bom.jsonl",
+            b'\xef\xbb\xbf{"text": "a good film", "label": "pos"}\n{"text": "dull", "label": "neg"}\n',
+        ),
+        ("array.jsonl", json.dumps(RECORDS, indent=2).encode()),
+        ("lines.json", b'{"text": "a good film", "label": "pos"}\r\n\n{"text": "dull", "label": "neg"}\r\n'),
+        ("columns.json", json.dumps({"text": ["a good film", "dull"], "label": ["pos", "neg"]}).encode()),
+        ("bom.json", b"\xef\xbb\xbf" + json.dumps(RECORDS).encode()),
+    ],
+)
+def test_json_is_read_by_its_content_not_its_extension(tmp_path, name, content):
+    data = DatasetAdapter.from_json(csv_file(tmp_path, content, name))
+    assert data.dataset["text"] == ["a good film", "dull"] and data.labels == ["neg", "pos"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "d.jsonl",
+            '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c" "label": "x"}\n',
+            r"d.jsonl, line 3: not valid JSON \(Expecting ',' delimiter, column 14\); from_json reads",
+        ),
+        (
+            "d.json",
+            '[{"text": "a", "label": "x"},\n {"text": "b", "label": }]',
+            r"d.json, line 2: not valid JSON",
+        ),
+        (
+            "d.jsonl",
+            '{"text": "a", "label": "x"}\n["b", "y"]\n',
+            r"d.jsonl, line 2: expected a record .*got list",
+        ),
+        ("d.json", '[{"text": "a", "label": "x"}, "b"]', r"d.json, element 1: expected a record"),
+        ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"column 'label', row 1: missing label"),
+        ("d.jsonl", "\n \n", r"d.jsonl: the file is empty"),
+        (
+            "d.jsonl",
+            b'{"text": "caf\xe9"}',
+            r"cannot decode as utf-8 \(.* at line 1, byte 13\); JSON files are UTF-8",
+        ),
+    ],
+)
+def test_broken_json_is_refused_naming_the_line(tmp_path, name, content, message):
+    with pytest.raises(DataError, match=message):
+        DatasetAdapter.from_json(csv_file(tmp_path, content, name))
 
 
 # -- labels ----------------------------------------------------------------------------------
