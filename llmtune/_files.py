@@ -1,11 +1,14 @@
-"""Reading CSV and JSON files for DatasetAdapter: errors that name the file, line, byte and column."""
+"""Reading sources for DatasetAdapter (CSV, JSON, text columns).
+
+Errors name the file, line, byte, column and row.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import DataError
@@ -157,3 +160,41 @@ def read_json(path: str | os.PathLike) -> dict[str, list[Any]]:
             if len(values) == row:  # a key this record lacks
                 values.append(None)
     return columns
+
+
+def refuse_string(values: Any, what: str, source: str) -> None:
+    # list("abc") is ["a", "b", "c"]: a string where a list belongs would become one row per character.
+    if isinstance(values, (str, bytes)):
+        shown = values[:40]
+        raise DataError(
+            f"{source}: {what} is one string ({shown!r}), not a list; pass a list, e.g. [{shown!r}]."
+        )
+
+
+def unencodable(columns: Mapping[str, list], names: Mapping[str, str | None], source: str) -> DataError:
+    """Name the text that Arrow cannot store: one holding a lone surrogate (no valid UTF-8)."""
+    for role, column in names.items():
+        for row, text in enumerate(columns.get(role, ())):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                char = text[err.start]
+                return DataError(
+                    f"{source}, column {column!r}, row {row}: the text holds {char!r}, a lone surrogate "
+                    "that is not valid Unicode (often half an emoji cut by slicing, or bytes decoded "
+                    "with errors='surrogateescape'); repair or drop it, e.g. "
+                    "text.encode('utf-8', 'replace').decode('utf-8')."
+                )
+    return DataError(f"{source}: a text cannot be encoded as UTF-8.")
+
+
+def check_texts(values: Sequence[Any], column: str, source: str) -> list[str]:
+    """The texts of a column as a list, refusing a value that is not a string (a missing cell)."""
+    texts = list(values)
+    for row, value in enumerate(texts):
+        if not isinstance(value, str):
+            raise DataError(
+                f"{source}, column {column!r}, row {row}: expected text, got {value!r} "
+                f"({type(value).__name__}); fill or drop missing texts."
+            )
+    return texts

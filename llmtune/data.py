@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -108,11 +109,14 @@ class DatasetAdapter:
         for role, column in (("text", text), ("text_pair", text_pair), ("label", label)):
             if column is not None and column not in present:
                 raise DataError(f"{source}: no {role} column {column!r}; the columns are {present}.")
+            if column is not None and not is_hf:
+                _files.refuse_string(dataset[column], f"column {column!r}", source)
+        _files.refuse_string(labels, "labels", source)
         if len(dataset[text]) == 0:
             raise DataError(f"{source}: the dataset is empty.")
-        columns = {"text": self._texts(dataset[text], text, source)}
+        columns = {"text": _files.check_texts(dataset[text], text, source)}
         if text_pair is not None:
-            columns["text_pair"] = self._texts(dataset[text_pair], text_pair, source)
+            columns["text_pair"] = _files.check_texts(dataset[text_pair], text_pair, source)
         self.labels: list[str] | None = None
         self.task: Task | None = None
         if label is not None:
@@ -124,20 +128,13 @@ class DatasetAdapter:
             self.task = task if task != "auto" else _labels.infer_task(values, labels, source, label)
             self.labels = _labels.label_names(values, self.task, labels)
             columns["label"] = _labels.encode(values, self.task, self.labels, source, label)
-        self.dataset = datasets.Dataset.from_dict(columns)
+        try:
+            self.dataset = datasets.Dataset.from_dict(columns)
+        except UnicodeEncodeError:
+            names = {"text": text, "text_pair": text_pair}
+            raise _files.unencodable(columns, names, source) from None
         self.source = source
         self._tokenized: dict[tuple, Tokenized] = {}
-
-    @staticmethod
-    def _texts(values: Sequence[Any], column: str, source: str) -> list[str]:
-        texts = list(values)
-        for row, value in enumerate(texts):
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{source}, column {column!r}, row {row}: expected text, got {value!r} "
-                    f"({type(value).__name__}); fill or drop missing texts."
-                )
-        return texts
 
     # -- constructors -------------------------------------------------------------------
 
@@ -163,12 +160,20 @@ class DatasetAdapter:
 
     @classmethod
     def from_pandas(cls, frame: Any, **kwargs: Any) -> DatasetAdapter:
-        """From a pandas DataFrame (its index is dropped)."""
+        """From a pandas DataFrame (its index is dropped).
+
+        Column names become strings; integer names (`read_csv(header=None)`) can be passed
+        as they are: `from_pandas(frame, text=0, label=1)`.
+        """
         kwargs.setdefault("source", "DataFrame")
-        if not frame.columns.is_unique:
-            dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
+        names = [str(c) for c in frame.columns]
+        dupes = sorted(name for name, n in Counter(names).items() if n > 1)  # 0 and "0" collide too
+        if dupes:
             raise DataError(f"{kwargs['source']}: duplicate column names {dupes}; rename them.")
-        return cls({str(c): frame[c].tolist() for c in frame.columns}, **kwargs)
+        for role in ("text", "text_pair", "label"):
+            if isinstance(kwargs.get(role), int):
+                kwargs[role] = str(kwargs[role])
+        return cls({name: frame[c].tolist() for name, c in zip(names, frame.columns)}, **kwargs)
 
     @classmethod
     def from_csv(
@@ -205,6 +210,10 @@ class DatasetAdapter:
         **kwargs: Any,
     ) -> DatasetAdapter:
         """From Python lists: texts, their labels and optionally the second texts of pairs."""
+        kwargs.setdefault("source", "lists")
+        given = {"texts": texts, "labels": labels, "text_pairs": text_pairs, "label_names": label_names}
+        for name, column in given.items():
+            _files.refuse_string(column, name, kwargs["source"])
         columns: dict[str, list] = {"text": list(texts)}
         for name, column in (("labels", labels), ("text_pairs", text_pairs)):
             if column is not None and len(column) != len(texts):
@@ -213,7 +222,6 @@ class DatasetAdapter:
             columns["label"] = list(labels)
         if text_pairs is not None:
             columns["text_pair"] = list(text_pairs)
-        kwargs.setdefault("source", "lists")
         return cls(
             columns,
             text_pair="text_pair" if text_pairs is not None else None,

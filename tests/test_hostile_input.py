@@ -151,6 +151,17 @@ def test_broken_json_is_refused_naming_the_line(tmp_path, name, content, message
         DatasetAdapter.from_json(csv_file(tmp_path, content, name))
 
 
+def test_integer_column_names_from_a_headerless_file(tmp_path):
+    import pandas as pd
+
+    frame = pd.read_csv(csv_file(tmp_path, "great film,pos\nawful,neg\n"), header=None)
+    data = DatasetAdapter.from_pandas(frame, text=0, label=1)
+    assert data.dataset["text"] == ["great film", "awful"] and data.labels == ["neg", "pos"]
+    clash = pd.DataFrame([["a", "b", "x"]], columns=[0, "0", "label"])
+    with pytest.raises(DataError, match=r"duplicate column names \['0'\]"):
+        DatasetAdapter.from_pandas(clash, text=0)
+
+
 # -- labels ----------------------------------------------------------------------------------
 
 
@@ -202,6 +213,38 @@ def test_empty_and_whitespace_texts_are_valid_examples(make_model, tokenizer):
     model = make_model()
     FineTuner(model, max_steps=2, batch_size=4, progress=False, precision="fp32").fit(data)
     assert len(model.predict(["", " "])) == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: DatasetAdapter.from_lists("abc", [0, 1, 0]),
+            r"lists: texts is one string \('abc'\), not a list",
+        ),
+        (lambda: DatasetAdapter.from_lists(["a", "b"], "xy"), r"lists: labels is one string \('xy'\)"),
+        (
+            lambda: DatasetAdapter.from_lists(["a"], ["x"], text_pairs="p"),
+            r"lists: text_pairs is one string \('p'\), not a list; pass a list, e.g. \['p'\]",
+        ),
+        (lambda: DatasetAdapter.from_lists(["a"], ["x"], label_names="xy"), r"label_names is one string"),
+        (
+            lambda: DatasetAdapter({"text": "abc", "label": [0, 1, 0]}),
+            r"dataset: column 'text' is one string",
+        ),
+    ],
+)
+def test_a_string_where_a_list_belongs_is_refused(call, message):
+    with pytest.raises(DataError, match=message):
+        call()
+
+
+def test_a_lone_surrogate_is_named_at_construction():
+    """Such a text cannot be stored or tokenized; the raw UnicodeEncodeError named no row."""
+    with pytest.raises(
+        DataError, match=r"lists, column 'text_pair', row 1: the text holds '\\ud83d', a lone surrogate"
+    ):
+        DatasetAdapter.from_lists(["ok", "fine"], [0, 1], text_pairs=["x", "half an emoji \ud83d"])
 
 
 def test_very_long_texts_are_truncated_not_fatal(make_model, tokenizer):
