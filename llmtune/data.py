@@ -74,14 +74,18 @@ class DatasetAdapter:
         text_pair: optional column holding the second text of a pair (NLI, QA...).
         label: column holding labels, or None for unlabelled data (prediction only).
         labels: the label names in id order; pass `train.labels` when building validation
-            or test data separately, so every split shares one mapping.
+            or test data separately, so every split shares one mapping. Without it, the
+            names are the sorted distinct labels (integers in numeric order: labels 1..5 get
+            names "1".."5", ids 0..4), or a Hugging Face `ClassLabel` column's names.
         task: "classification", "multilabel", "regression" or "auto" (from the label values:
             lists -> multilabel, floats -> regression, strings/ints -> classification).
         source: a name for error messages (a file path, say).
 
     Raises:
         DataError: missing column (the message lists the columns present), empty data,
-            a non-text value in the text column, or a label that cannot be mapped.
+            a non-text value in the text column, or a label that cannot be mapped or would
+            silently become a wrong class ("NA", " pos" beside "pos", "n/a" in a column of
+            numbers).
 
     Example:
         >>> data = DatasetAdapter.from_lists(["good", "bad", "fine"], ["pos", "neg", "pos"])
@@ -123,11 +127,11 @@ class DatasetAdapter:
             values = list(dataset[label])
             if len(values) != len(columns["text"]):
                 raise DataError(f"{source}: {len(columns['text'])} texts but {len(values)} labels.")
-            if labels is None and is_hf and isinstance(dataset.features.get(label), datasets.ClassLabel):
-                labels = dataset.features[label].names
+            feature = dataset.features.get(label) if is_hf else None
+            values, class_names = _labels.decode_class_labels(feature, values, source, label)
+            labels = class_names if labels is None else labels
             self.task = task if task != "auto" else _labels.infer_task(values, labels, source, label)
-            self.labels = _labels.label_names(values, self.task, labels)
-            columns["label"] = _labels.encode(values, self.task, self.labels, source, label)
+            self.labels, columns["label"] = _labels.map_labels(values, self.task, labels, source, label)
         try:
             self.dataset = datasets.Dataset.from_dict(columns)
         except UnicodeEncodeError:
@@ -357,6 +361,30 @@ class DatasetAdapter:
             rank=rank,
             world_size=world_size,
         )
+
+    def check_trainable(self) -> None:
+        """Refuse labelled data that gives a classifier nothing to tell apart: one class only.
+
+        The adapter cannot know it holds training data, so the trainer calls this on its
+        training set (validation may well hold a single class).
+
+        Raises:
+            DataError: no label column, or fewer than two classes occur (classification).
+
+        Example:
+            >>> DatasetAdapter.from_lists(["good", "bad"], ["pos", "neg"]).check_trainable()
+        """
+        self.check_compatible(None, None, "training")
+        if self.task != "classification":
+            return
+        ids, counts = np.unique(np.asarray(self.dataset["label"]), return_counts=True)
+        if len(ids) < 2:
+            assert self.labels is not None
+            raise DataError(
+                f"training data ({self.source}) holds one class only, {self.labels[ids[0]]!r} "
+                f"(all {counts[0]} examples); a classifier needs examples of at least two. "
+                "Check the label column and the filter or split that built this set."
+            )
 
     def check_compatible(self, labels: Sequence[str] | None, task: str | None, role: str) -> None:
         """Refuse data whose label mapping or task differs from the model's."""
