@@ -1,10 +1,14 @@
-"""Reading CSV files for DatasetAdapter: errors that name the file, line, byte and column."""
+"""Reading sources for DatasetAdapter (CSV, JSON, text columns).
+
+Errors name the file, line, byte, column and row.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import DataError
@@ -95,3 +99,102 @@ def _check_header(path: str, header: list[Any], sep: str, columns: Mapping[str, 
             "columns, or read it with pandas (header=None, names=[...]) and use from_pandas."
         )
     raise DataError(f"{path}: no {role} column {column!r}; the columns are {header}.{hint}")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, list[Any]]:
+    """Columns of a JSON array of records, JSON lines or one object of columns, whichever the file holds.
+
+    The content decides, not the extension: ".jsonl" files holding one array and ".json"
+    files holding JSON lines both occur. A UTF-8 byte order mark is skipped; errors name the
+    line. A key that some records lack is None (a missing value) in those rows.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}: cannot decode as utf-8 ({err.reason} at line {line}, byte {err.start}); "
+            "JSON files are UTF-8: save it as UTF-8."
+        ) from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty.")
+    hint = "from_json reads a JSON array of records, or JSON lines (one record a line)"
+    whole: Any = None
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):
+            raise DataError(
+                f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})."
+            ) from None
+    if isinstance(whole, list):
+        records = [(f"element {i}", record) for i, record in enumerate(whole)]
+    elif isinstance(whole, dict):  # one record (perhaps on several lines), or an object of columns
+        lists = [v for v in whole.values() if isinstance(v, list)]
+        if lists and len(lists) == len(whole) and len({len(v) for v in lists}) == 1:
+            return whole
+        records = [("line 1", whole)]
+    else:
+        records = []
+        # Split on "\n" only: str.splitlines would also split on U+2028, which JSON strings may hold.
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); {hint}."
+                ) from None
+    columns: dict[str, list[Any]] = {}
+    for row, (where, record) in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}, {where}: expected a record (a JSON object), got {type(record).__name__}; {hint}."
+            )
+        for key, value in record.items():
+            columns.setdefault(key, [None] * row).append(value)
+        for values in columns.values():
+            if len(values) == row:  # a key this record lacks
+                values.append(None)
+    return columns
+
+
+def refuse_string(values: Any, what: str, source: str) -> None:
+    # list("abc") is ["a", "b", "c"]: a string where a list belongs would become one row per character.
+    if isinstance(values, (str, bytes)):
+        shown = values[:40]
+        raise DataError(
+            f"{source}: {what} is one string ({shown!r}), not a list; pass a list, e.g. [{shown!r}]."
+        )
+
+
+def unencodable(columns: Mapping[str, list], names: Mapping[str, str | None], source: str) -> DataError:
+    """Name the text that Arrow cannot store: one holding a lone surrogate (no valid UTF-8)."""
+    for role, column in names.items():
+        for row, text in enumerate(columns.get(role, ())):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                char = text[err.start]
+                return DataError(
+                    f"{source}, column {column!r}, row {row}: the text holds {char!r}, a lone surrogate "
+                    "that is not valid Unicode (often half an emoji cut by slicing, or bytes decoded "
+                    "with errors='surrogateescape'); repair or drop it, e.g. "
+                    "text.encode('utf-8', 'replace').decode('utf-8')."
+                )
+    return DataError(f"{source}: a text cannot be encoded as UTF-8.")
+
+
+def check_texts(values: Sequence[Any], column: str, source: str) -> list[str]:
+    """The texts of a column as a list, refusing a value that is not a string (a missing cell)."""
+    texts = list(values)
+    for row, value in enumerate(texts):
+        if not isinstance(value, str):
+            raise DataError(
+                f"{source}, column {column!r}, row {row}: expected text, got {value!r} "
+                f"({type(value).__name__}); fill or drop missing texts."
+            )
+    return texts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,14 +74,18 @@ class DatasetAdapter:
         text_pair: optional column holding the second text of a pair (NLI, QA...).
         label: column holding labels, or None for unlabelled data (prediction only).
         labels: the label names in id order; pass `train.labels` when building validation
-            or test data separately, so every split shares one mapping.
+            or test data separately, so every split shares one mapping. Without it, the
+            names are the sorted distinct labels (integers in numeric order: labels 1..5 get
+            names "1".."5", ids 0..4), or a Hugging Face `ClassLabel` column's names.
         task: "classification", "multilabel", "regression" or "auto" (from the label values:
             lists -> multilabel, floats -> regression, strings/ints -> classification).
         source: a name for error messages (a file path, say).
 
     Raises:
         DataError: missing column (the message lists the columns present), empty data,
-            a non-text value in the text column, or a label that cannot be mapped.
+            a non-text value in the text column, or a label that cannot be mapped or would
+            silently become a wrong class ("NA", " pos" beside "pos", "n/a" in a column of
+            numbers).
 
     Example:
         >>> data = DatasetAdapter.from_lists(["good", "bad", "fine"], ["pos", "neg", "pos"])
@@ -108,36 +113,32 @@ class DatasetAdapter:
         for role, column in (("text", text), ("text_pair", text_pair), ("label", label)):
             if column is not None and column not in present:
                 raise DataError(f"{source}: no {role} column {column!r}; the columns are {present}.")
+            if column is not None and not is_hf:
+                _files.refuse_string(dataset[column], f"column {column!r}", source)
+        _files.refuse_string(labels, "labels", source)
         if len(dataset[text]) == 0:
             raise DataError(f"{source}: the dataset is empty.")
-        columns = {"text": self._texts(dataset[text], text, source)}
+        columns = {"text": _files.check_texts(dataset[text], text, source)}
         if text_pair is not None:
-            columns["text_pair"] = self._texts(dataset[text_pair], text_pair, source)
+            columns["text_pair"] = _files.check_texts(dataset[text_pair], text_pair, source)
         self.labels: list[str] | None = None
         self.task: Task | None = None
         if label is not None:
             values = list(dataset[label])
             if len(values) != len(columns["text"]):
                 raise DataError(f"{source}: {len(columns['text'])} texts but {len(values)} labels.")
-            if labels is None and is_hf and isinstance(dataset.features.get(label), datasets.ClassLabel):
-                labels = dataset.features[label].names
+            feature = dataset.features.get(label) if is_hf else None
+            values, class_names = _labels.decode_class_labels(feature, values, source, label)
+            labels = class_names if labels is None else labels
             self.task = task if task != "auto" else _labels.infer_task(values, labels, source, label)
-            self.labels = _labels.label_names(values, self.task, labels)
-            columns["label"] = _labels.encode(values, self.task, self.labels, source, label)
-        self.dataset = datasets.Dataset.from_dict(columns)
+            self.labels, columns["label"] = _labels.map_labels(values, self.task, labels, source, label)
+        try:
+            self.dataset = datasets.Dataset.from_dict(columns)
+        except UnicodeEncodeError:
+            names = {"text": text, "text_pair": text_pair}
+            raise _files.unencodable(columns, names, source) from None
         self.source = source
         self._tokenized: dict[tuple, Tokenized] = {}
-
-    @staticmethod
-    def _texts(values: Sequence[Any], column: str, source: str) -> list[str]:
-        texts = list(values)
-        for row, value in enumerate(texts):
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{source}, column {column!r}, row {row}: expected text, got {value!r} "
-                    f"({type(value).__name__}); fill or drop missing texts."
-                )
-        return texts
 
     # -- constructors -------------------------------------------------------------------
 
@@ -163,12 +164,20 @@ class DatasetAdapter:
 
     @classmethod
     def from_pandas(cls, frame: Any, **kwargs: Any) -> DatasetAdapter:
-        """From a pandas DataFrame (its index is dropped)."""
+        """From a pandas DataFrame (its index is dropped).
+
+        Column names become strings; integer names (`read_csv(header=None)`) can be passed
+        as they are: `from_pandas(frame, text=0, label=1)`.
+        """
         kwargs.setdefault("source", "DataFrame")
-        if not frame.columns.is_unique:
-            dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
+        names = [str(c) for c in frame.columns]
+        dupes = sorted(name for name, n in Counter(names).items() if n > 1)  # 0 and "0" collide too
+        if dupes:
             raise DataError(f"{kwargs['source']}: duplicate column names {dupes}; rename them.")
-        return cls({str(c): frame[c].tolist() for c in frame.columns}, **kwargs)
+        for role in ("text", "text_pair", "label"):
+            if isinstance(kwargs.get(role), int):
+                kwargs[role] = str(kwargs[role])
+        return cls({name: frame[c].tolist() for name, c in zip(names, frame.columns)}, **kwargs)
 
     @classmethod
     def from_csv(
@@ -186,16 +195,13 @@ class DatasetAdapter:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **kwargs: Any) -> DatasetAdapter:
-        """From a JSON list of records or a JSON-lines file (`.jsonl`, one record a line)."""
-        import pandas as pd
+        """From a JSON array of records or a JSON-lines file (one record a line).
 
-        lines = str(path).endswith((".jsonl", ".ndjson"))
-        try:
-            frame = pd.read_json(path, lines=lines, orient=None if lines else "records", dtype=False)
-        except ValueError as err:
-            raise DataError(f"{path}: not valid {'JSON lines' if lines else 'JSON'} ({err}).") from None
+        The content decides which, not the extension; errors name the line.
+        """
+        columns = _files.read_json(path)
         kwargs.setdefault("source", str(path))
-        return cls.from_pandas(frame, **kwargs)
+        return cls(columns, **kwargs)
 
     @classmethod
     def from_lists(
@@ -208,6 +214,10 @@ class DatasetAdapter:
         **kwargs: Any,
     ) -> DatasetAdapter:
         """From Python lists: texts, their labels and optionally the second texts of pairs."""
+        kwargs.setdefault("source", "lists")
+        given = {"texts": texts, "labels": labels, "text_pairs": text_pairs, "label_names": label_names}
+        for name, column in given.items():
+            _files.refuse_string(column, name, kwargs["source"])
         columns: dict[str, list] = {"text": list(texts)}
         for name, column in (("labels", labels), ("text_pairs", text_pairs)):
             if column is not None and len(column) != len(texts):
@@ -216,7 +226,6 @@ class DatasetAdapter:
             columns["label"] = list(labels)
         if text_pairs is not None:
             columns["text_pair"] = list(text_pairs)
-        kwargs.setdefault("source", "lists")
         return cls(
             columns,
             text_pair="text_pair" if text_pairs is not None else None,
@@ -352,6 +361,30 @@ class DatasetAdapter:
             rank=rank,
             world_size=world_size,
         )
+
+    def check_trainable(self) -> None:
+        """Refuse labelled data that gives a classifier nothing to tell apart: one class only.
+
+        The adapter cannot know it holds training data, so the trainer calls this on its
+        training set (validation may well hold a single class).
+
+        Raises:
+            DataError: no label column, or fewer than two classes occur (classification).
+
+        Example:
+            >>> DatasetAdapter.from_lists(["good", "bad"], ["pos", "neg"]).check_trainable()
+        """
+        self.check_compatible(None, None, "training")
+        if self.task != "classification":
+            return
+        ids, counts = np.unique(np.asarray(self.dataset["label"]), return_counts=True)
+        if len(ids) < 2:
+            assert self.labels is not None
+            raise DataError(
+                f"training data ({self.source}) holds one class only, {self.labels[ids[0]]!r} "
+                f"(all {counts[0]} examples); a classifier needs examples of at least two. "
+                "Check the label column and the filter or split that built this set."
+            )
 
     def check_compatible(self, labels: Sequence[str] | None, task: str | None, role: str) -> None:
         """Refuse data whose label mapping or task differs from the model's."""

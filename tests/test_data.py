@@ -56,7 +56,7 @@ def test_text_pairs():
 
 def test_label_kinds():
     ints = DatasetAdapter.from_lists(["a", "b", "c"], [0, 2, 2])
-    assert ints.labels == ["0", "1", "2"] and ints.dataset["label"] == [0, 2, 2]
+    assert ints.labels == ["0", "2"] and ints.dataset["label"] == [0, 1, 1]  # no class "1" invented
     named_ids = DatasetAdapter.from_lists(["a", "b"], [1, 0], label_names=["neg", "pos"])
     assert named_ids.dataset["label"] == [1, 0]
     reg = DatasetAdapter.from_lists(["a", "b"], [0.5, 2.0])

@@ -6,6 +6,8 @@ stratify, and loaders yield every example exactly once per epoch, over random da
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from llmtune import DataError, DatasetAdapter, FineTuner
 from llmtune._batching import BatchLoader, Tokenized
+from llmtune._labels import MISSING_WORDS
 
 PROPERTIES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -95,6 +98,71 @@ def test_csv_text_columns_stay_text_and_labels_keep_their_type(tmp_path):
     assert bools.labels == ["False", "True"] and bools.dataset["label"] == [1, 0]
 
 
+RECORDS = [{"text": "a good film", "label": "pos"}, {"text": "dull", "label": "neg"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        (
+            "bom.jsonl",
+            b'\xef\xbb\xbf{"text": "a good film", "label": "pos"}\n{"text": "dull", "label": "neg"}\n',
+        ),
+        ("array.jsonl", json.dumps(RECORDS, indent=2).encode()),
+        ("lines.json", b'{"text": "a good film", "label": "pos"}\r\n\n{"text": "dull", "label": "neg"}\r\n'),
+        ("columns.json", json.dumps({"text": ["a good film", "dull"], "label": ["pos", "neg"]}).encode()),
+        ("bom.json", b"\xef\xbb\xbf" + json.dumps(RECORDS).encode()),
+    ],
+)
+def test_json_is_read_by_its_content_not_its_extension(tmp_path, name, content):
+    data = DatasetAdapter.from_json(csv_file(tmp_path, content, name))
+    assert data.dataset["text"] == ["a good film", "dull"] and data.labels == ["neg", "pos"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "d.jsonl",
+            '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": "c" "label": "x"}\n',
+            r"d.jsonl, line 3: not valid JSON \(Expecting ',' delimiter, column 14\); from_json reads",
+        ),
+        (
+            "d.json",
+            '[{"text": "a", "label": "x"},\n {"text": "b", "label": }]',
+            r"d.json, line 2: not valid JSON",
+        ),
+        (
+            "d.jsonl",
+            '{"text": "a", "label": "x"}\n["b", "y"]\n',
+            r"d.jsonl, line 2: expected a record .*got list",
+        ),
+        ("d.json", '[{"text": "a", "label": "x"}, "b"]', r"d.json, element 1: expected a record"),
+        ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"column 'label', row 1: missing label"),
+        ("d.jsonl", "\n \n", r"d.jsonl: the file is empty"),
+        (
+            "d.jsonl",
+            b'{"text": "caf\xe9"}',
+            r"cannot decode as utf-8 \(.* at line 1, byte 13\); JSON files are UTF-8",
+        ),
+    ],
+)
+def test_broken_json_is_refused_naming_the_line(tmp_path, name, content, message):
+    with pytest.raises(DataError, match=message):
+        DatasetAdapter.from_json(csv_file(tmp_path, content, name))
+
+
+def test_integer_column_names_from_a_headerless_file(tmp_path):
+    import pandas as pd
+
+    frame = pd.read_csv(csv_file(tmp_path, "great film,pos\nawful,neg\n"), header=None)
+    data = DatasetAdapter.from_pandas(frame, text=0, label=1)
+    assert data.dataset["text"] == ["great film", "awful"] and data.labels == ["neg", "pos"]
+    clash = pd.DataFrame([["a", "b", "x"]], columns=[0, "0", "label"])
+    with pytest.raises(DataError, match=r"duplicate column names \['0'\]"):
+        DatasetAdapter.from_pandas(clash, text=0)
+
+
 # -- labels ----------------------------------------------------------------------------------
 
 
@@ -127,12 +195,7 @@ def test_integer_like_labels_map_consistently():
     ]
     years = DatasetAdapter.from_lists(["a", "b", "c"], [2024, 2023, 2024])
     assert years.labels == ["2023", "2024"]  # sparse codes: two outputs, not 2025
-    assert DatasetAdapter.from_lists(["a", "b"], [1, 3]).labels == [
-        "0",
-        "1",
-        "2",
-        "3",
-    ]  # small ids keep theirs
+    assert DatasetAdapter.from_lists(["a", "b"], [1, 3]).labels == ["1", "3"]  # only what occurs
 
 
 # -- texts -----------------------------------------------------------------------------------
@@ -146,6 +209,38 @@ def test_empty_and_whitespace_texts_are_valid_examples(make_model, tokenizer):
     model = make_model()
     FineTuner(model, max_steps=2, batch_size=4, progress=False, precision="fp32").fit(data)
     assert len(model.predict(["", " "])) == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: DatasetAdapter.from_lists("abc", [0, 1, 0]),
+            r"lists: texts is one string \('abc'\), not a list",
+        ),
+        (lambda: DatasetAdapter.from_lists(["a", "b"], "xy"), r"lists: labels is one string \('xy'\)"),
+        (
+            lambda: DatasetAdapter.from_lists(["a"], ["x"], text_pairs="p"),
+            r"lists: text_pairs is one string \('p'\), not a list; pass a list, e.g. \['p'\]",
+        ),
+        (lambda: DatasetAdapter.from_lists(["a"], ["x"], label_names="xy"), r"label_names is one string"),
+        (
+            lambda: DatasetAdapter({"text": "abc", "label": [0, 1, 0]}),
+            r"dataset: column 'text' is one string",
+        ),
+    ],
+)
+def test_a_string_where_a_list_belongs_is_refused(call, message):
+    with pytest.raises(DataError, match=message):
+        call()
+
+
+def test_a_lone_surrogate_is_named_at_construction():
+    """Such a text cannot be stored or tokenized; the raw UnicodeEncodeError named no row."""
+    with pytest.raises(
+        DataError, match=r"lists, column 'text_pair', row 1: the text holds '\\ud83d', a lone surrogate"
+    ):
+        DatasetAdapter.from_lists(["ok", "fine"], [0, 1], text_pairs=["x", "half an emoji \ud83d"])
 
 
 def test_very_long_texts_are_truncated_not_fatal(make_model, tokenizer):
@@ -171,9 +266,23 @@ def test_long_pairs_tokenize_as_the_tokenizer_truncates_them(tokenizer):
 
 # -- properties ------------------------------------------------------------------------------
 
+# Texts that are classes: no surrounding spaces or missing-value words ("NA"), and no
+# fractional numbers ("0.5"), which make a regression column; test_labels.py covers those.
+class_names = st.text(max_size=8).filter(
+    lambda s: s == s.strip() and s.lower() not in MISSING_WORDS and not _is_fraction(s)
+)
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return not float(text).is_integer()
+    except ValueError:
+        return False
+
+
 label_values = st.one_of(
-    st.lists(st.text(max_size=8), min_size=1, max_size=40),
-    st.lists(st.integers(0, 120), min_size=1, max_size=40),
+    st.lists(class_names, min_size=1, max_size=40),
+    st.lists(st.integers(-5, 120), min_size=1, max_size=40),
     st.lists(st.integers(0, 10**6), min_size=1, max_size=40),
     st.lists(st.booleans(), min_size=1, max_size=40),
 )
@@ -187,7 +296,7 @@ def test_label_mapping_round_trips(values, data):
     ids = list(adapter.dataset["label"])
     assert [adapter.labels[i] for i in ids] == [str(v) for v in values]
     assert list(adapter.dataset["text"]) == texts
-    assert len(adapter.labels) <= max(2 * len(set(ids)), 100)
+    assert len(adapter.labels) == len(set(ids)) == len({str(v) for v in values})  # none invented
     # Any order of the same names, given explicitly, maps every value to its own name.
     names = data.draw(st.permutations(adapter.labels))
     again = DatasetAdapter.from_lists(texts, values, label_names=names)
