@@ -5,9 +5,19 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import ConfigError
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with; a tokenizer without one cannot batch texts of two lengths."""
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set one.")
+    return int(tokenizer.pad_token_id)
 
 
 @dataclass(frozen=True)

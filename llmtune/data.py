@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _files, _labels
-from ._batching import BatchLoader, Tokenized
+from ._batching import BatchLoader, Tokenized, pad_id
 from ._labels import Task
 from .errors import ConfigError, DataError
 
@@ -309,8 +309,7 @@ class DatasetAdapter:
         """Tokenize once per (tokenizer, max_length) through `datasets.map`; later calls reuse it."""
         key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length)
         if key not in self._tokenized:
-            if tokenizer.pad_token_id is None:
-                raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set one.")
+            pad = pad_id(tokenizer)
             pair = self.has_pairs
 
             def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -331,7 +330,7 @@ class DatasetAdapter:
                 list(encoded["input_ids"]),
                 None if types is None else list(types),
                 labels,
-                int(tokenizer.pad_token_id),
+                pad,
             )
         return self._tokenized[key]
 

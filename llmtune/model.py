@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _families, _loading, _runtime
-from ._batching import Tokenized
+from ._batching import Tokenized, pad_id
 from ._labels import TASKS
 from ._layers import find_layers
 from ._loading import HEAD_CONFIG, HEAD_FORMAT, HEAD_WEIGHTS
@@ -404,12 +404,9 @@ class ClassifierModel(nn.Module):
             raise DataError(f"{len(texts)} texts but {len(pairs)} text_pairs.")
         if not texts:
             return np.zeros((0, self.head.out_features), dtype=np.float32)
-        if self.tokenizer.pad_token_id is None:
-            raise ConfigError(f"tokenizer {self.tokenizer.name_or_path!r} has no pad token; set one.")
+        pad = pad_id(self.tokenizer)
         enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
-        data = Tokenized.from_rows(
-            enc["input_ids"], enc.get("token_type_ids"), None, int(self.tokenizer.pad_token_id)
-        )
+        data = Tokenized.from_rows(enc["input_ids"], enc.get("token_type_ids"), None, pad)
         with _runtime.autocast(self.device, _runtime.resolve_precision(precision, self.device)):
             return self.outputs(data, batch_size)
 

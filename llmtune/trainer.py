@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch
 
 from . import _cpu_fast, _guard, _resume, _runtime, distributed
 from ._batching import BatchLoader
+from ._state import History, TrainState
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar
 from .data import DatasetAdapter
 from .errors import ConfigError, DataError, TrainingError
@@ -32,60 +31,6 @@ from .tuning import FeatureLoader, encoder_frozen
 __all__ = ["FineTuner", "TrainState", "History"]
 
 logger = logging.getLogger("llmtune")
-
-
-@dataclass
-class History:
-    """One record per epoch: epoch, step, train_loss and val_* metrics."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def __getitem__(self, key: str) -> list[Any]:
-        """All epochs' values of one key, e.g. `history["val_accuracy"]`."""
-        return [r.get(key) for r in self.records]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def train_loss(self) -> list[float]:
-        return self["train_loss"]
-
-    def to_jsonl(self, path: str) -> None:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
-
-
-@dataclass
-class TrainState:
-    """Everything about a run in progress that callbacks may read (and `should_stop` write).
-
-    The `epoch_*` and `batches_done` fields are the position inside the current epoch; with
-    the optimizer, scheduler and scaler they are what a checkpoint needs to resume exactly.
-    """
-
-    epoch: int = 0
-    step: int = 0
-    total_steps: int = 0
-    steps_per_epoch: int = 0
-    batches_per_epoch: int = 0  # micro-batches
-    batches_done: int = 0  # micro-batches of this epoch consumed so far
-    examples_seen: int = 0
-    epoch_loss: torch.Tensor | float = 0.0  # sum of loss * examples this epoch, on the device
-    epoch_examples: int = 0
-    epoch_skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient
-    skipped: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    history: History = field(default_factory=History)
-    should_stop: bool = False
-    optimizer: Any = field(default=None, repr=False)
-    scheduler: Any = field(default=None, repr=False)
-    scaler: Any = field(default=None, repr=False)
-
-    def next_epoch(self) -> None:
-        """Reset the per-epoch position and sums."""
-        self.batches_done, self.epoch_examples, self.epoch_skipped = 0, 0, 0
-        self.epoch_loss = torch.zeros_like(torch.as_tensor(self.epoch_loss))
 
 
 def _windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -206,17 +151,18 @@ class FineTuner:
         """Refuse data that does not fit the model before any training starts."""
         model = self.model
         train.check_compatible(model.labels, model.task, "training")
-        if validation is None:
-            return
-        validation.check_compatible(model.labels, model.task, "validation")
-        if model.task == "classification":
-            unseen = set(validation.dataset["label"]) - set(train.dataset["label"])
+        if validation is not None:
+            validation.check_compatible(model.labels, model.task, "validation")
+            unseen = set()
+            if model.task == "classification":
+                unseen = set(validation.dataset["label"]) - set(train.dataset["label"])
             if unseen:
                 names = sorted(model.labels[i] for i in unseen)
                 raise DataError(
                     f"labels {names} occur in validation ({validation.source}) but never in training "
                     f"({train.source}); the model cannot learn them. Use a stratified split."
                 )
+        train.check_trainable()  # after the validation checks: their messages say more
 
     # -- the loop -----------------------------------------------------------------------
 

@@ -15,14 +15,18 @@ def test_import_llmtune_loads_no_heavy_optional_module():
 
 
 # torch APIs llmtune calls that are younger than torch 2.0, with the release that brought them.
-TORCH_APIS = {"torch.nn.utils.get_total_norm": (2, 6), "torch.nn.RMSNorm": (2, 4), "torch.amp.GradScaler": (2, 3)}
+TORCH_APIS = {
+    "torch.nn.utils.get_total_norm": (2, 6),
+    "torch.nn.RMSNorm": (2, 4),
+    "torch.amp.GradScaler": (2, 3),
+}
 
 
 def test_the_torch_requirement_admits_no_release_without_the_apis_used():
     import re
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     import torch
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
