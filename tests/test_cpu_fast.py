@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import sentiment_texts
+from families import FAMILIES, tiny_backbone
 
 from llmtune import Callback, DatasetAdapter, FineTuner, OptimizerFactory
 from llmtune._cpu_fast import (
@@ -246,30 +247,22 @@ def test_fast_training_with_dropout_learns_and_is_reproducible(make_model):
     assert losses == losses2 and torch.equal(head, head2)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "albert", "electra", "deberta-v2"])
-def test_fast_paths_on_other_encoder_families(family):
-    """Each family trains a step under the fast paths and comes back unchanged."""
-    from transformers import AutoConfig, AutoModel
+# Query/key/value triplets fused per family: one per layer; ALBERT's two layers share one;
+# ModernBERT (Wqkv) and GPT-2 (c_attn) compute them as one GEMM already.
+FUSED = {"albert": 1, "modernbert": 0, "gpt2": 0}
 
-    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    extra = {
-        "distilbert": dict(dim=32, hidden_dim=64, n_heads=4, n_layers=2),
-        "albert": dict(embedding_size=16),
-    }
-    config = AutoConfig.for_model(
-        family, vocab_size=100, max_position_embeddings=64, **({} if family == "distilbert" else sizes)
-    )
-    for key, value in extra.get(family, {}).items():
-        setattr(config, key, value)
-    encoder = AutoModel.from_config(config).train()
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_paths_on_every_family(family):
+    """Each family trains a step under the fast paths and comes back unchanged."""
+    encoder = tiny_backbone(family).train()
     attention = encoder.config._attn_implementation
     ids = torch.randint(5, 100, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     reference = encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     with FastPaths(encoder) as fast:
-        # Each layer's query, key and value as one GEMM; ALBERT's two layers share one.
-        assert len(fast._projections) == (1 if family == "albert" else 2)
+        assert len(fast._projections) == FUSED.get(family, 2)
         fused = encoder.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
         hidden = encoder.train()(input_ids=ids, attention_mask=mask).last_hidden_state
         # A random projection: a plain sum after the final LayerNorm has zero gradient.
