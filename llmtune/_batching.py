@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,12 +13,37 @@ import torch
 
 from .errors import ConfigError
 
+logger = logging.getLogger("llmtune")
 
-def pad_id(tokenizer: Any) -> int:
-    """The id batches are padded with; a tokenizer without one cannot batch texts of two lengths."""
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token its end-of-sequence token to pad with (decoders).
+
+    Padded positions are masked out, so which token fills them does not matter.
+
+    Raises:
+        ConfigError: the tokenizer has no end-of-sequence token either.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path!r} has no pad token and no end-of-sequence token to "
+            "pad with; set one: tokenizer.pad_token = '<pad>' (and resize the embeddings)."
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.info("tokenizer %r has no pad token: padding with %r", tokenizer.name_or_path, tokenizer.eos_token)
+
+
+def padding(tokenizer: Any) -> dict[str, Any]:
+    """How batches are padded for `tokenizer`: its pad id, and on which side (`Tokenized` fields).
+
+    Raises:
+        ConfigError: no pad token: texts of two lengths cannot share a batch.
+    """
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set one.")
-    return int(tokenizer.pad_token_id)
+    return {"pad_id": int(tokenizer.pad_token_id), "pad_left": tokenizer.padding_side == "left"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +55,7 @@ class Tokenized:
     offsets: np.ndarray  # (N + 1,) start of each example in the flat arrays
     labels: np.ndarray | None  # (N,) int64 ids, (N,) float32 targets or (N, K) float32 multi-hot
     pad_id: int
+    pad_left: bool = False  # the tokenizer's padding side: some decoders' tokenizers pad on the left
 
     @classmethod
     def from_rows(
@@ -37,6 +64,7 @@ class Tokenized:
         token_type_ids: Sequence[Sequence[int]] | None,
         labels: np.ndarray | None,
         pad_id: int,
+        pad_left: bool = False,
     ) -> Tokenized:
         """Pack per-example token lists (what a tokenizer returns) into flat arrays."""
         offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
@@ -47,7 +75,7 @@ class Tokenized:
             types = np.fromiter(
                 itertools.chain.from_iterable(token_type_ids), np.int64, count=int(offsets[-1])
             )
-        return cls(flat, types, offsets, labels, pad_id)
+        return cls(flat, types, offsets, labels, pad_id, pad_left)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -57,7 +85,7 @@ class Tokenized:
         return len(self.offsets) - 1
 
     def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """Pad the chosen examples to the longest among them (right padding)."""
+        """Pad the chosen examples to the longest among them (on the right, or left if `pad_left`)."""
         lengths = self.lengths[indices]
         width = int(lengths.max())
         ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)  # (B, T)
@@ -65,10 +93,11 @@ class Tokenized:
         types = np.zeros((len(indices), width), dtype=np.int64) if self.token_type_ids is not None else None
         for row, (i, n) in enumerate(zip(indices, lengths)):
             start = self.offsets[i]
-            ids[row, :n] = self.input_ids[start : start + n]
-            mask[row, :n] = 1
+            cols = slice(width - n, width) if self.pad_left else slice(0, n)
+            ids[row, cols] = self.input_ids[start : start + n]
+            mask[row, cols] = 1
             if types is not None:
-                types[row, :n] = self.token_type_ids[start : start + n]
+                types[row, cols] = self.token_type_ids[start : start + n]
         batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if types is not None:
             batch["token_type_ids"] = torch.from_numpy(types)

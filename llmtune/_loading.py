@@ -73,6 +73,21 @@ def local_or_hub(name_or_dir: str | os.PathLike) -> str:
     return source
 
 
+def adapter_base(name_or_dir: str | os.PathLike, tuning: dict[str, Any], base: Any) -> Any:
+    """Where the encoder weights come from: the directory itself, or a LoRA adapter's base."""
+    if tuning.get("name") != "LoRA":
+        if base is not None:
+            raise ConfigError(f"base= is for LoRA adapter directories; {name_or_dir} holds a full model")
+        return name_or_dir
+    source = base or tuning.get("base_model")
+    if not source:
+        raise ConfigError(
+            f"{name_or_dir} holds a LoRA adapter without a record of its base encoder; "
+            "pass base=<the encoder's name or directory>"
+        )
+    return source
+
+
 def read_head(directory: str) -> dict[str, Any] | None:
     """llmtune's head record in a saved model directory (None for a plain encoder)."""
     path = Path(directory) / HEAD_CONFIG
@@ -112,7 +127,36 @@ def load_tokenizer(source: str, vocab_size: int | None) -> Any:
     return tokenizer
 
 
-def load_encoder(source: str, **kwargs: Any) -> nn.Module:
+def quantization_config(quantization: str) -> Any:
+    """A bitsandbytes config for 4-bit (NF4, bf16 compute, as in QLoRA) or 8-bit weights.
+
+    Raises:
+        ConfigError: an unknown kind, no CUDA GPU, or bitsandbytes is not installed.
+    """
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in ("4bit", "8bit"):
+        raise ConfigError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"{quantization} loading runs on a CUDA GPU (bitsandbytes); none is available here."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{quantization} loading needs bitsandbytes: pip install bitsandbytes")
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_encoder(source: str, quantization: str | None = None, **kwargs: Any) -> nn.Module:
     """`AutoModel.from_pretrained(source)` without a pooler, refusing missing or stray weights.
 
     Weights of other heads in the checkpoint (a masked-LM head, a pooler, a classifier) are
@@ -123,6 +167,11 @@ def load_encoder(source: str, **kwargs: Any) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModel
 
+    if quantization is not None:
+        import torch
+
+        kwargs = {"quantization_config": quantization_config(quantization), **kwargs}
+        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(source, **_hub_options(kwargs))

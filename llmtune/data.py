@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _files, _labels
-from ._batching import BatchLoader, Tokenized, pad_id
+from ._batching import BatchLoader, Tokenized, padding
 from ._labels import Task
 from .errors import ConfigError, DataError
 
@@ -308,8 +308,9 @@ class DatasetAdapter:
     def tokenize(self, tokenizer: Any, max_length: int) -> Tokenized:
         """Tokenize once per (tokenizer, max_length) through `datasets.map`; later calls reuse it."""
         key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length)
+        key += (tokenizer.padding_side,)
         if key not in self._tokenized:
-            pad = pad_id(tokenizer)
+            pad = padding(tokenizer)
             pair = self.has_pairs
 
             def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -330,7 +331,7 @@ class DatasetAdapter:
                 list(encoded["input_ids"]),
                 None if types is None else list(types),
                 labels,
-                pad,
+                **pad,
             )
         return self._tokenized[key]
 

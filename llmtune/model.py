@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _families, _loading, _runtime
-from ._batching import Tokenized, pad_id
+from . import _families, _loading, _pooling, _runtime
+from ._batching import Tokenized, ensure_pad_token, padding
 from ._labels import TASKS
 from ._layers import find_layers
 from ._loading import HEAD_CONFIG, HEAD_FORMAT, HEAD_WEIGHTS
@@ -28,71 +28,16 @@ __all__ = ["ClassifierModel"]
 logger = logging.getLogger("llmtune")
 
 
-def _adapter_base(name_or_dir: str | os.PathLike, tuning: dict[str, Any], base: Any) -> Any:
-    """Where the encoder weights come from: the directory itself, or a LoRA adapter's base."""
-    if tuning.get("name") != "LoRA":
-        if base is not None:
-            raise ConfigError(f"base= is for LoRA adapter directories; {name_or_dir} holds a full model")
-        return name_or_dir
-    source = base or tuning.get("base_model")
-    if not source:
-        raise ConfigError(
-            f"{name_or_dir} holds a LoRA adapter without a record of its base encoder; "
-            "pass base=<the encoder's name or directory>"
-        )
-    return source
-
-
-def checkpoint_pooling(name_or_dir: str | os.PathLike, **hub_kwargs: Any) -> str:
-    """The pooling a sentence-transformers checkpoint was trained with ("mean"/"cls"), else "cls"."""
-    from transformers.utils import cached_file
-
-    try:
-        path = cached_file(
-            str(name_or_dir),
-            "1_Pooling/config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **hub_kwargs,
-        )
-    except OSError:
-        path = None
-    if path is None:
-        return "cls"
-    config = json.loads(Path(path).read_text())
-    if config.get("pooling_mode_mean_tokens"):
-        return "mean"
-    return "cls"
-
-
-def _max_length(given: int | None, tokenizer: Any, config: Any) -> int:
-    """The longest input: as given, else the tokenizer's limit, at most 512 and the positions."""
-    limit = _families.positions(config)
-    if given is not None:
-        if limit is not None and given > limit:
-            raise ConfigError(
-                f"max_length={given} but the encoder has {limit} positions; a longer input would "
-                f"crash it. Pass max_length <= {limit}."
-            )
-        return given
-    model_max = getattr(tokenizer, "model_max_length", None) or 512
-    return min(model_max if model_max < 10**6 else 512, 512, limit or 512)
-
-
-def _ensure_pad_token(tokenizer: Any) -> None:
-    """Give a tokenizer without a pad token its end-of-sequence token to pad with (decoders).
-
-    Padded positions are masked out, so which token fills them does not matter.
-    """
-    if tokenizer.pad_token_id is not None:
-        return
-    if getattr(tokenizer, "eos_token", None) is None:
-        raise ConfigError(
-            f"tokenizer {tokenizer.name_or_path!r} has no pad token and no end-of-sequence token to "
-            "pad with; set one: tokenizer.pad_token = '<pad>' (and resize the embeddings)."
-        )
-    tokenizer.pad_token = tokenizer.eos_token
-    logger.info("tokenizer %r has no pad token: padding with %r", tokenizer.name_or_path, tokenizer.eos_token)
+def _enable_checkpointing(encoder: nn.Module) -> None:
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(encoder).__name__} does not support gradient checkpointing")
+    # Non-reentrant: gradients reach LoRA adapters inside frozen layers without the
+    # inputs-require-grad workaround the reentrant version needs (peft #1142).
+    options = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _text_list(texts: Sequence[str], name: str) -> list[str]:
@@ -114,12 +59,16 @@ class ClassifierModel(nn.Module):
         labels: label names in id order (classification, multi-label); None for regression.
         task: "classification", "multilabel" or "regression".
         num_labels: output width; defaults to len(labels), or 1 for regression.
-        pooling: "cls" (first token) or "mean" (mean over non-pad tokens).
+        pooling: "cls" (first token), "mean" (mean over non-pad tokens), "last" (the last
+            non-pad token: a decoder's summary of the whole text) or "auto": "last" for a
+            decoder, else what a sentence-transformers checkpoint was trained with, else "cls".
         dropout: dropout before the head; None takes the encoder's hidden dropout.
         max_length: longest input in tokens; longer texts are truncated. Default: the
             tokenizer's limit, at most 512 and at most the encoder's positions.
         seed: seeds the head's initialisation, so the same seed gives the same model in
             every process (torch seeds its own generator at random); None draws from torch's.
+        gradient_checkpointing: recompute each layer's activations in backward instead of
+            keeping them: less memory for more compute, for long inputs and large models.
 
     Raises:
         ConfigError: unknown task or pooling, labels that contradict `num_labels`, empty or
@@ -140,16 +89,18 @@ class ClassifierModel(nn.Module):
         labels: Sequence[Any] | None = None,
         task: str = "classification",
         num_labels: int | None = None,
-        pooling: str = "cls",
+        pooling: str = "auto",
         dropout: float | None = None,
         max_length: int | None = None,
         seed: int | None = 0,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
-        if pooling not in ("cls", "mean"):
-            raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        pooling = _pooling.resolve(pooling, encoder.config, getattr(encoder, "name_or_path", ""))
+        if pooling not in _pooling.POOLINGS:
+            raise ConfigError(f"pooling must be one of {tuple(_pooling.POOLINGS)}, got {pooling!r}")
         labels = [str(x) for x in labels] if labels is not None else None
         if labels is not None and (not labels or len(set(labels)) != len(labels)):
             raise ConfigError(f"labels must be distinct names, at least one; got {labels}")
@@ -166,8 +117,12 @@ class ClassifierModel(nn.Module):
         self.pooling = pooling
         config = encoder.config
         self.dropout_p = getattr(config, "hidden_dropout_prob", 0.1) if dropout is None else dropout
-        self.max_length = _max_length(max_length, tokenizer, config)
-        _ensure_pad_token(tokenizer)
+        self.max_length = _families.max_length(max_length, tokenizer, config)
+        ensure_pad_token(tokenizer)
+        # A decoder's positions follow the mask and it keeps no KV cache (see `encode`).
+        self.decoder = _families.family(config).decoder
+        if gradient_checkpointing:
+            _enable_checkpointing(encoder)
         width = len(labels) if labels is not None else (num_labels or 1)
         self.dropout = nn.Dropout(self.dropout_p)
         self.head = nn.Linear(config.hidden_size, width)
@@ -195,14 +150,19 @@ class ClassifierModel(nn.Module):
         max_length: int | None = None,
         base: str | os.PathLike | None = None,
         seed: int | None = 0,
+        gradient_checkpointing: bool = False,
+        quantization: str | None = None,
         **encoder_kwargs: Any,
     ) -> ClassifierModel:
         """Load an encoder and tokenizer by Hub name or local directory, and add a new head.
 
         A directory written by `save_pretrained` reloads with its head, labels and settings.
-        `pooling="auto"` uses the pooling the checkpoint was trained with when it says
-        (sentence-transformers' `1_Pooling/config.json`), else CLS. Extra keyword arguments
-        go to `AutoModel.from_pretrained` (e.g. `attn_implementation`, `revision`).
+        `pooling="auto"` is "last" for a decoder LLM; for an encoder, the pooling the
+        checkpoint was trained with when it says (sentence-transformers'
+        `1_Pooling/config.json`), else CLS. Extra keyword arguments go to
+        `AutoModel.from_pretrained` (e.g. `dtype=torch.bfloat16`, `attn_implementation`,
+        `revision`). `quantization="4bit"` or `"8bit"` loads the weights quantized through
+        bitsandbytes on a CUDA GPU, for LoRA on top (QLoRA).
 
         A LoRA directory (adapter + head, see `llmtune.LoRA`) loads its adapter on top of the
         base encoder it recorded, or on `base` (Hub name or directory) when given.
@@ -216,16 +176,16 @@ class ClassifierModel(nn.Module):
         directory = _loading.local_or_hub(name_or_dir)
         saved = _loading.read_head(directory)
         tuning = (saved or {}).get("tuning") or {}
-        source = _adapter_base(directory, tuning, base)
-        encoder = _loading.load_encoder(str(source), **encoder_kwargs)
+        source = _loading.adapter_base(directory, tuning, base)
+        encoder = _loading.load_encoder(str(source), quantization, **encoder_kwargs)
         tokenizer = _loading.load_tokenizer(directory, getattr(encoder.config, "vocab_size", None))
         if saved is None:
-            if pooling == "auto":
-                pooling = checkpoint_pooling(directory)
+            pooling = _pooling.resolve(pooling, encoder.config, directory)
             if task is None:
                 task = "regression" if labels is None and num_labels in (None, 1) else "classification"
-            options = dict(labels=labels, task=task, num_labels=num_labels, pooling=pooling)
-            return cls(encoder, tokenizer, dropout=dropout, max_length=max_length, seed=seed, **options)
+            options = dict(labels=labels, task=task, num_labels=num_labels, pooling=pooling, dropout=dropout)
+            options |= dict(max_length=max_length, seed=seed, gradient_checkpointing=gradient_checkpointing)
+            return cls(encoder, tokenizer, **options)
         given = {"labels": None if labels is None else [str(x) for x in labels], "task": task}
         given |= {"num_labels": num_labels, "pooling": None if pooling == "auto" else pooling}
         clash = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != saved[k]]
@@ -245,6 +205,7 @@ class ClassifierModel(nn.Module):
             dropout=saved["dropout"] if dropout is None else dropout,
             max_length=max_length or saved["max_length"],
             seed=seed,
+            gradient_checkpointing=gradient_checkpointing,
         )
         _loading.load_head(model.head, directory)
         if tuning.get("name") == "LoRA":
@@ -329,16 +290,20 @@ class ClassifierModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pooled encoder features, shape (B, hidden)."""
-        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]  # (B, H)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        if self.decoder:
+            # Positions count real tokens only, so a left-padded row is where it is alone;
+            # and a classifier reads each text once: no KV cache.
+            inputs |= {"position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0), "use_cache": False}
+        hidden = self.encoder(**inputs).last_hidden_state  # (B, T, H)
+        return _pooling.POOLINGS[self.pooling](hidden, attention_mask)  # (B, H)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Head on pooled features: dropout + linear, shape (B, num_labels)."""
-        return self.head(self.dropout(features))
+        # The head stays fp32 when the encoder's weights are bf16 (from_pretrained(dtype=...)).
+        return self.head(self.dropout(features.to(self.head.weight.dtype)))
 
     def forward(
         self,
@@ -404,9 +369,9 @@ class ClassifierModel(nn.Module):
             raise DataError(f"{len(texts)} texts but {len(pairs)} text_pairs.")
         if not texts:
             return np.zeros((0, self.head.out_features), dtype=np.float32)
-        pad = pad_id(self.tokenizer)
+        pad = padding(self.tokenizer)
         enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
-        data = Tokenized.from_rows(enc["input_ids"], enc.get("token_type_ids"), None, pad)
+        data = Tokenized.from_rows(enc["input_ids"], enc.get("token_type_ids"), None, **pad)
         with _runtime.autocast(self.device, _runtime.resolve_precision(precision, self.device)):
             return self.outputs(data, batch_size)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _runtime
+from . import _families, _runtime
 from ._layers import layer_depths, layers_of
 from .errors import ConfigError
 
@@ -215,7 +215,9 @@ class LoRA(TuningStrategy):
         alpha: scaling numerator; the update is scaled by alpha / r.
         dropout: dropout on the adapter's input.
         targets: names of the linear layers to adapt (the last part of the module name,
-            e.g. "query", "value" in BERT; "q_lin", "v_lin" in DistilBERT).
+            e.g. "query", "value" in BERT; "q_lin", "v_lin" in DistilBERT). None: the
+            family's attention query and value projections (q_proj/v_proj in Llama, Qwen2
+            and Gemma; c_attn in GPT-2; see `_families`).
 
     Raises:
         ImportError: peft is not installed (`pip install llmtune[peft]`).
@@ -228,19 +230,24 @@ class LoRA(TuningStrategy):
     r: int = 8
     alpha: float = 16
     dropout: float = 0.1
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.targets is None:
+            return self._check_numbers()
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         object.__setattr__(self, "targets", targets)  # lists (e.g. from JSON) become tuples
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"LoRA targets must be module names like ('query', 'value'), got {targets!r}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"LoRA rank r must be an int >= 1, got {self.r!r}")
         if self.alpha <= 0:
             raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ConfigError(f"LoRA targets must be module names like ('query', 'value'), got {targets!r}")
 
     def trains(self, name: str, num_layers: int) -> bool:
         return "lora_" in name
@@ -252,18 +259,27 @@ class LoRA(TuningStrategy):
             ImportError: peft is missing.
             ConfigError: a target names no linear layer, or the model already has adapters.
         """
+        from transformers.pytorch_utils import Conv1D
+
         peft = _import_peft()
         _refuse_adapters(model, self)
-        linear = {
-            name.rsplit(".", 1)[-1] for name, m in model.encoder.named_modules() if isinstance(m, nn.Linear)
-        }
-        missing = sorted(set(self.targets) - linear)
-        if missing:
+        kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in model.encoder.named_modules()}
+        linear = sorted(name for name, kind in kinds.items() if issubclass(kind, (nn.Linear, Conv1D)))
+        targets = self.targets or _families.family(model.encoder.config).lora_targets
+        if targets is None:
             raise ConfigError(
-                f"LoRA targets {missing} are not linear layers of the encoder; it has {sorted(linear)}"
+                f"LoRA has no default targets for {model.encoder.config.model_type}; pass "
+                f"LoRA(targets=(...)) naming its attention projections, from {linear}"
             )
+        missing = sorted(set(targets) - set(linear))
+        if missing:
+            raise ConfigError(f"LoRA targets {missing} are not linear layers of the encoder; it has {linear}")
         config = peft.LoraConfig(
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.targets)
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(targets),
+            fan_in_fan_out=any(issubclass(kinds[t], Conv1D) for t in targets),  # GPT-2's (in, out) weights
         )
         seed = getattr(model, "seed", None)
         # The adapters' A matrices are drawn here, before FineTuner seeds anything: from the
@@ -280,10 +296,14 @@ class LoRA(TuningStrategy):
     def record(self, model: ClassifierModel) -> dict[str, Any]:
         """The strategy plus the base encoder it was trained on: where to load it, and a checksum."""
         base = model.encoder.get_base_model() if has_adapters(model) else model.encoder
+        targets = self.targets
+        if has_adapters(model):  # as resolved for this family when targets=None
+            targets = tuple(sorted(model.encoder.peft_config["default"].target_modules))
         name = str(base.name_or_path or "")
         if name and Path(name).is_dir():
             name = str(Path(name).resolve())  # a relative directory would break from another cwd
-        return {**super().record(model), "base_model": name, "base_sha256": base_checksum(base)}
+        record = {**super().record(model), "targets": targets}
+        return {**record, "base_model": name, "base_sha256": base_checksum(base)}
 
     @staticmethod
     def attach(model: ClassifierModel, directory: str | Path, record: dict[str, Any]) -> ClassifierModel:

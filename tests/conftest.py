@@ -37,6 +37,11 @@ def sentiment_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    return build_tokenizer()
+
+
+def build_tokenizer():
+    """A WordPiece tokenizer over the sentiment words, with [CLS] ... [SEP] around each text."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -278,8 +278,9 @@ def test_lora_save_load_round_trip(model_dir, tmp_path, caplog):
     assert "model.safetensors" not in saved  # the base encoder is not copied
 
     reloaded = ClassifierModel.from_pretrained(tmp_path / "lora")
-    assert reloaded.tuning == LoRA(r=4)
-    assert LoRA(r=4).counts(reloaded) == LoRA(r=4).counts(model)
+    resolved = LoRA(r=4, targets=("query", "value"))  # the default targets, as resolved for BERT
+    assert reloaded.tuning == resolved
+    assert resolved.counts(reloaded) == LoRA(r=4).counts(model)
     torch.testing.assert_close(reloaded.logits(texts), expected, rtol=0, atol=1e-6)
     explicit = ClassifierModel.from_pretrained(tmp_path / "lora", base=model_dir)
     torch.testing.assert_close(explicit.logits(texts), expected, rtol=0, atol=1e-6)
