@@ -1,0 +1,155 @@
+"""FineTuner on a CUDA GPU: mixed precision learns, fp16 overflow steps are skipped and counted,
+outputs match the CPU's, and a model saved on the GPU loads on the CPU.
+
+Marked `gpu` and skipped without CUDA. `pytest -m gpu tests/test_gpu.py` on a GPU machine;
+`benchmarks/gpu_check.py` runs it there. `LLMTUNE_GPU_TESTS_ON=cpu` runs the same tests on the
+CPU (GPU-only assertions skipped), to check the tests themselves on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import sentiment_texts
+
+from llmtune import ClassifierModel, DatasetAdapter, FineTuner, OptimizerFactory
+
+DEVICE = os.environ.get("LLMTUNE_GPU_TESTS_ON", "cuda")
+ON_CUDA = DEVICE == "cuda"
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def needs_bf16() -> None:
+    # Capability 8 (Ampere) is the first with bf16 tensor cores; torch emulates it below that.
+    if ON_CUDA and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs compute capability >= 8")
+
+
+@pytest.fixture
+def sentiment():
+    texts, labels = sentiment_texts(400)
+    return DatasetAdapter.from_lists(texts, labels).split(validation=0.25, seed=0)
+
+
+def tuner_for(model, precision: str, device: str = DEVICE, **kwargs) -> FineTuner:
+    kwargs = {"epochs": 6, "batch_size": 16, "progress": False, "keep_best": False, **kwargs}
+    return FineTuner(
+        model, optimizer=OptimizerFactory.adamw(lr=3e-3), precision=precision, device=device, **kwargs
+    )
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_learns(make_model, sentiment, precision):
+    if precision == "bf16":
+        needs_bf16()
+    train, val = sentiment
+    tuner = tuner_for(make_model(labels=train.labels), precision)
+    history = tuner.fit(train, val)
+    assert tuner.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert tuner.model.device.type == torch.device(DEVICE).type
+    assert history.train_loss[-1] < 0.5 * history.train_loss[0]
+    assert tuner.evaluate(val)["accuracy"] >= 0.9  # chance is 0.5
+    if precision == "bf16":  # bf16 has fp32's range: nothing overflows
+        assert tuner.state.skipped == 0
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="GPU precision choice")
+def test_auto_precision_is_bf16_from_compute_capability_8(make_model):
+    tuner = FineTuner(make_model(), precision="auto", device="cuda", progress=False)
+    native_bf16 = torch.cuda.get_device_capability() >= (8, 0)
+    assert tuner.dtype == (torch.bfloat16 if native_bf16 else torch.float16)
+
+
+class OverflowOnce:
+    """Forward hook on the head: on the `at`-th training forward, the logits' gradient becomes inf.
+
+    The loss stays finite, as in a real fp16 overflow, which happens in the scaled backward pass;
+    the grad scaler must find the inf, skip the optimizer step and lower its scale.
+    """
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not module.training:
+            return
+        self.calls += 1
+        if self.calls == self.at:
+            output.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_fp16_overflow_step_is_skipped_and_counted(make_model, nonfinite):
+    texts, labels = sentiment_texts(40)
+    data = DatasetAdapter.from_lists(texts, labels)
+
+    def run(overflow_at: int | None) -> FineTuner:
+        torch.manual_seed(0)
+        model = make_model(dropout=0.0)
+        if overflow_at is not None:
+            model.head.register_forward_hook(OverflowOnce(overflow_at))
+        tuner = tuner_for(model, "fp16", epochs=1, batch_size=8, nonfinite=nonfinite)
+        tuner.fit(data)
+        return tuner
+
+    clean = run(None)
+    steps = clean.state.steps_per_epoch  # 5 batches of 8
+    assert clean.state.skipped == 0, "the unscaled run must not overflow by itself"
+    assert clean.state.step == steps
+    # With fp16 an inf gradient is the grad scaler's business, not an error, whatever `nonfinite`.
+    tuner = run(overflow_at=3)
+    state = tuner.state
+    assert state.scaler.get_scale() < clean.state.scaler.get_scale(), "the overflow did not reach the scaler"
+    assert state.skipped == 1
+    assert state.step == steps - 1, "a skipped step must not count as an optimizer step"
+    assert state.history.records[-1]["step"] == steps - 1
+    if nonfinite == "skip":
+        assert state.history.records[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in tuner.model.parameters()), "the skipped step leaked"
+
+
+@pytest.fixture
+def trained(make_model, sentiment):
+    """A model trained in fp32 on DEVICE (dropout off, so outputs are deterministic), and the data."""
+    train, val = sentiment
+    tuner = tuner_for(make_model(labels=train.labels, dropout=0.0), "fp32", epochs=3)
+    tuner.fit(train)
+    return tuner, val
+
+
+def test_evaluate_and_predict_match_the_cpu(trained):
+    tuner, val = trained
+    here = tuner.predict(val)
+    here_metrics = tuner.evaluate(val)
+    here_labels = tuner.model.predict(val.dataset["text"], precision="fp32")
+    cpu = tuner_for(tuner.model, "fp32", device="cpu")  # predict moves the model to the CPU
+    # fp32 on both sides (no TF32): only summation order differs.
+    np.testing.assert_allclose(here, cpu.predict(val), rtol=1e-4, atol=1e-4)
+    cpu_metrics = cpu.evaluate(val)
+    assert here_metrics["accuracy"] == cpu_metrics["accuracy"]
+    assert here_metrics["loss"] == pytest.approx(cpu_metrics["loss"], rel=1e-4, abs=1e-5)
+    assert tuner.model.device.type == "cpu"
+    assert tuner.model.predict(val.dataset["text"], precision="fp32") == here_labels
+
+
+def test_saved_on_gpu_loads_on_cpu(trained, tmp_path):
+    tuner, val = trained
+    model = tuner.model
+    assert model.device.type == torch.device(DEVICE).type
+    expected = tuner.predict(val)
+    model.save_pretrained(tmp_path / "model")
+    loaded = ClassifierModel.from_pretrained(tmp_path / "model")
+    assert loaded.device.type == "cpu"
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key].cpu(), theirs[key]), key  # the bytes, not approximately
+    cpu = tuner_for(loaded, "fp32", device="cpu")
+    np.testing.assert_allclose(cpu.predict(val), expected, rtol=1e-4, atol=1e-4)
