@@ -52,21 +52,10 @@ BEST_FILE = "best.json"
 STEP_NAME = re.compile(r"^step-(\d+)$")  # a checkpoint's directory, in the Checkpoint callback's directory
 # Settings that fix the data order: with others the stored position means nothing.
 ORDER_SETTINGS = ("batch_size", "grad_accum", "seed", "group_by_length")
-_STATE_KEYS = (
-    "step",
-    "epoch",
-    "batches_done",
-    "epoch_loss_sum",
-    "epoch_examples",
-    "epoch_skipped",
-    "examples_seen",
-    "skipped",
-    "should_stop",
-    "total_steps",
-    "batches_per_epoch",
-    "metrics",
-    "history",
-)
+_STATE_KEYS = (  # trainer_state.json
+    "step epoch batches_done epoch_loss_sum epoch_examples epoch_skipped examples_seen skipped "
+    "should_stop total_steps batches_per_epoch metrics history"
+).split()
 
 
 # -- reading, checked ---------------------------------------------------------------------

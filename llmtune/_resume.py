@@ -61,14 +61,10 @@ class Resumed:
                 ) from None
         if pairs:
             logger.info("restored the state of callbacks %s", [label for label, _, _ in pairs])
-        if homeless or starved:
-            logger.warning(
-                "resuming from %s: saved state of %s has no callback now (dropped); %s got no saved "
-                "state (they start fresh)",
-                self.path,
-                homeless or "no callback",
-                starved or "no callback",
-            )
+        if homeless:
+            logger.warning("resuming from %s: saved state of %s has no callback now", self.path, homeless)
+        if starved:
+            logger.warning("resuming from %s: %s got no saved state; they start fresh", self.path, starved)
         fmt.set_rng_state(self.rng)
 
 

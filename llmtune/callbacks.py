@@ -72,8 +72,10 @@ def notify_on_exception(fit: _Fit) -> _Fit:
             return fit(tuner, *args, **kwargs)
         except BaseException as error:
             for callback in tuner.callbacks:
+                handler = getattr(callback, "on_exception", None)  # duck-typed callbacks may lack it
                 try:
-                    getattr(callback, "on_exception", lambda *a, **k: None)(tuner, tuner.state, error=error)
+                    if handler is not None:
+                        handler(tuner, tuner.state, error=error)
                 except Exception:  # the run's own error is the one to see
                     logger.exception("%s.on_exception failed", type(callback).__name__)
             raise
