@@ -95,8 +95,8 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -
     takes `target`'s place and the parent is fsync'd. An existing `target` is swapped out in
     one step (Linux `renameat2(RENAME_EXCHANGE)`), so at every moment `target` is the whole
     old directory or the whole new one; elsewhere it is renamed away just before, a window of
-    two renames. A failure in `write` removes the sibling, leaves `target` as it was and
-    raises OSError saying so (llmtune's own errors pass unchanged). What a killed process
+    two renames. A failure in `write` removes the sibling and leaves `target` as it was; an
+    I/O failure (a full disk) is raised as an OSError saying so. What a killed process
     leaves (a `.tmp-*` or `.trash-*` sibling) is removed by the next save of the same target.
     """
     target = Path(target)
@@ -112,9 +112,12 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -
         _fsync_tree(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, LLMTuneError):
+        from safetensors import SafetensorError
+
+        # I/O failures only; torch and safetensors report a full disk in their own words
+        # ("unexpected pos ..."). Anything else (llmtune's errors, a bug) passes unchanged.
+        if not isinstance(err, OSError | RuntimeError | SafetensorError) or isinstance(err, LLMTuneError):
             raise
-        # torch and safetensors report a full disk in their own words ("unexpected pos ...").
         free = shutil.disk_usage(real.parent).free / 1e6
         raise OSError(
             f"{target}: writing failed ({type(err).__name__}: {err}); {target.name} is unchanged. "

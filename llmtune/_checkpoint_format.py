@@ -106,6 +106,7 @@ def read_config(path: Path) -> dict[str, Any]:
     config = read_json(path)
     with reading(path):
         _expect(isinstance(config, dict) and {"model", "settings"} <= set(config), "not a checkpoint config")
+        _expect(isinstance(config["model"], dict) and isinstance(config["settings"], dict), "a bad summary")
         version = config.get("format")
         _expect(isinstance(version, int) and version >= 1, f"unknown format {version!r}")
     if version > FORMAT:

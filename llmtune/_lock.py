@@ -19,15 +19,21 @@ logger = logging.getLogger("llmtune")
 LOCK_FILE = ".lock"
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        if os.name == "nt":  # a byte far past the pid, so that others can still read the pid
-            os.lseek(fd, 1 << 20, os.SEEK_SET)
+def _try_lock(fd: int, path: Path) -> bool:
+    """False when another process holds the lock."""
+    if os.name == "nt":  # a byte far past the pid, so that others can still read the pid
+        os.lseek(fd, 1 << 20, os.SEEK_SET)
+        try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
+    except OSError as err:  # ENOLCK: a network file system without locks; refusing all runs helps nobody
+        logger.warning("cannot lock %s (%s): make sure no other run uses this directory", path, err)
     return True
 
 
@@ -57,7 +63,7 @@ class DirectoryLock:
             return
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not _try_lock(fd):
+            if not _try_lock(fd, self.path):
                 owner = _owner(fd) or "unknown"
                 os.close(fd)
                 pid, _, host = owner.partition(" ")
@@ -65,7 +71,7 @@ class DirectoryLock:
                     f"{self.path.parent} is in use by pid {pid}"
                     f"{f' on {host}' if host and host != socket.gethostname() else ''}: "
                     "two runs in one checkpoint directory would delete and overwrite each other's "
-                    f"checkpoints. Wait for it to end, or use another directory. If no such process "
+                    "checkpoints. Wait for it to end, or use another directory. If no such process "
                     f"runs, delete {self.path}."
                 )
             try:

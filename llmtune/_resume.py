@@ -236,7 +236,8 @@ def _optimizer_state(path: Path, config: dict[str, Any], tuner: FineTuner) -> di
     for group in groups:
         group["lr"] = _lr_at_saved_step(group, saved_group_of[from_saved[group["params"][0]]])
     was = config.get("optimizer_class")  # older checkpoints lack it: their groups' hyperparameters tell
-    if (was != type(optimizer).__name__) if was else _kind(saved_groups[0]) != _kind(groups[0]):
+    other = was != type(optimizer).__name__ if was else _kind(saved_groups[0]) != _kind(groups[0])
+    if other:
         logger.warning(
             "resuming from %s with another optimizer (%s in the checkpoint, %s now): its state "
             "(moments, momentum buffers) starts fresh",

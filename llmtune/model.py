@@ -264,6 +264,7 @@ class ClassifierModel(nn.Module):
 
         Raises:
             ConfigError: `directory` holds files that are not part of a saved model.
+            OSError: the files could not be written (a full disk); `directory` is unchanged.
         """
         from safetensors.torch import save_file
 
