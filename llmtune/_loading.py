@@ -140,12 +140,10 @@ def quantization_config(quantization: str) -> Any:
 
     if quantization not in ("4bit", "8bit"):
         raise ConfigError(f"quantization must be '4bit', '8bit' or None, got {quantization!r}")
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"{quantization} loading runs on a CUDA GPU (bitsandbytes); none is available here."
-        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{quantization} loading needs bitsandbytes: pip install bitsandbytes")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{quantization} loading runs on a CUDA GPU (bitsandbytes); there is none here.")
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(

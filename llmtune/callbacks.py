@@ -3,18 +3,22 @@
 Events, in order: on_fit_start, then per epoch on_epoch_start, on_step_end (after each
 optimizer step), on_evaluate (after validation), on_epoch_end; finally on_fit_end. Each is
 called as `event(tuner, state, **kwargs)`; a callback reads `state` and may set
-`state.should_stop`. Override only the events you need and accept `**kwargs`.
+`state.should_stop`. Override only the events you need and accept `**kwargs`. When fit
+raises, `on_exception(tuner, state, error=...)` comes instead of on_fit_end, so that a
+callback can release what it holds (the Checkpoint callback's directory lock).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -45,12 +49,38 @@ class Callback:
 
     def on_fit_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None: ...
 
+    def on_exception(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
+        """fit raised (kwargs: `error`), perhaps before on_fit_start; release what you hold."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a `Checkpoint` saves of this callback (tensors and plain values); default none."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned, when a run resumes (after `on_fit_start`)."""
+
+
+_Fit = TypeVar("_Fit", bound=Callable[..., Any])
+
+
+def notify_on_exception(fit: _Fit) -> _Fit:
+    """Wrap `FineTuner.fit` so that when it raises, every callback's `on_exception` runs first."""
+
+    @functools.wraps(fit)
+    def wrapper(tuner: FineTuner, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fit(tuner, *args, **kwargs)
+        except BaseException as error:
+            for callback in tuner.callbacks:
+                handler = getattr(callback, "on_exception", None)  # duck-typed callbacks may lack it
+                try:
+                    if handler is not None:
+                        handler(tuner, tuner.state, error=error)
+                except Exception:  # the run's own error is the one to see
+                    logger.exception("%s.on_exception failed", type(callback).__name__)
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _resolve_monitor(tuner: FineTuner, monitor: str, mode: str) -> tuple[str, str]:

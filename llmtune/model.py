@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _families, _loading, _pooling, _runtime
+from . import _atomic, _families, _loading, _pooling, _runtime
 from ._batching import Tokenized, ensure_pad_token, padding
 from ._labels import TASKS
 from ._layers import find_layers
@@ -48,6 +48,27 @@ def _text_list(texts: Sequence[str], name: str) -> list[str]:
         if not isinstance(text, str):
             raise DataError(f"{name}[{i}] is {text!r} ({type(text).__name__}), not a string.")
     return texts
+
+
+def _refuse_foreign_files(directory: Path, files: list[str]) -> None:
+    """Refuse to replace a directory holding files that its saved model did not write.
+
+    The previous save's list of files says which are the model's; without one (an older
+    llmtune, or another tool), the files this save writes are taken for the model's.
+    """
+    if not directory.is_dir():
+        return
+    try:
+        ours = set(json.loads((directory / HEAD_CONFIG).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set(files)
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours)
+    if foreign:
+        raise ConfigError(
+            f"{directory} holds files that are not part of a saved model: {foreign[:10]}. "
+            "save_pretrained replaces the directory whole (so that it always holds one complete "
+            "model), which would delete them; move them elsewhere or save into another directory."
+        )
 
 
 class ClassifierModel(nn.Module):
@@ -235,17 +256,33 @@ class ClassifierModel(nn.Module):
         With LoRA adapters the encoder part is only the adapter (peft's layout) plus a record
         of the base encoder, megabytes instead of the whole encoder; `merge()` first to write
         a full model.
+
+        All or nothing: the files go into a hidden sibling directory that then replaces
+        `directory` in one step, so `directory` always holds the old model or the new one,
+        whole, even when the process is killed or the disk fills up. As the directory is
+        replaced whole, saving over one that holds files this method did not write (a model
+        card you added, logs) is refused rather than deleting them.
+
+        Raises:
+            ConfigError: `directory` holds files that are not part of a saved model.
+            OSError: the files could not be written (a full disk); `directory` is unchanged.
         """
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with _loading.quiet_transformers():
-            self.encoder.save_pretrained(directory)
-            self.tokenizer.save_pretrained(directory)
-        head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        save_file(head, directory / HEAD_WEIGHTS)
-        (directory / HEAD_CONFIG).write_text(json.dumps(self.head_config(), indent=2))
+        target = Path(directory)
+
+        def write(tmp: Path) -> None:
+            with _loading.quiet_transformers():
+                self.encoder.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+            head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+            save_file(head, tmp / HEAD_WEIGHTS)
+            files = sorted({p.name for p in tmp.iterdir()} | {HEAD_CONFIG})
+            _refuse_foreign_files(target, files)
+            # The list of files tells the next save which ones in the directory are the model's.
+            (tmp / HEAD_CONFIG).write_text(json.dumps({**self.head_config(), "files": files}, indent=2))
+
+        _atomic.write_atomically(target, write)
 
     # -- tuning -------------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ class OptimizerFactory:
         return names
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Trainable parameters grouped by (learning rate, weight decay)."""
+        """Trainable parameters grouped by (learning rate, weight decay), with their names."""
         no_decay = self.no_decay_names(model)
         head = getattr(model, "head", None)
         head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
@@ -118,6 +118,7 @@ class OptimizerFactory:
             depths = {prefix + name: d for name, d in layer_depths(model).items()}
             num_layers = len(layers_of(model))
         groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+        names: dict[tuple[float, float], list[str]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
@@ -130,9 +131,14 @@ class OptimizerFactory:
                 lr = self.lr
             decay = 0.0 if name in no_decay else self.weight_decay
             groups.setdefault((lr, decay), []).append(param)
+            names.setdefault((lr, decay), []).append(name)
         if not groups:
             raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
-        return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        # The names go into the optimizer's state_dict: a resume matches state to parameters by name.
+        return [
+            {"params": ps, "param_names": names[key], "lr": key[0], "weight_decay": key[1]}
+            for key, ps in groups.items()
+        ]
 
     # -- build --------------------------------------------------------------------------
 

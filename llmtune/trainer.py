@@ -21,7 +21,7 @@ import torch
 from . import _cpu_fast, _guard, _resume, _runtime, distributed
 from ._batching import BatchLoader
 from ._state import History, TrainState
-from .callbacks import EVENTS, Callback, KeepBest, ProgressBar
+from .callbacks import EVENTS, Callback, KeepBest, ProgressBar, notify_on_exception
 from .data import DatasetAdapter
 from .errors import ConfigError, DataError, TrainingError
 from .objectives import Objective
@@ -166,6 +166,7 @@ class FineTuner:
 
     # -- the loop -----------------------------------------------------------------------
 
+    @notify_on_exception  # callbacks release what they hold (a checkpoint directory's lock)
     def fit(
         self,
         train: DatasetAdapter,

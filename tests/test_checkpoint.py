@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from llmtune import (
     OptimizerFactory,
     TrainingError,
 )
+from llmtune import _checkpoint_format as fmt
 from llmtune import checkpoint as ckpt
 
 SCRIPT = Path(__file__).parent / "crash_resume_script.py"
@@ -184,7 +186,7 @@ def test_latest_without_checkpoints_starts_fresh_and_without_callback_is_refused
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(make_model, data, tmp_path, monkeypatch):
     train, _ = data
     calls = {"n": 0}
-    real = ckpt._rng_state
+    real = fmt.rng_state
 
     def dies_on_second_save():
         calls["n"] += 1
@@ -192,7 +194,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(make_model, data, t
             raise OSError("disk full")
         return real()
 
-    monkeypatch.setattr(ckpt, "_rng_state", dies_on_second_save)
+    monkeypatch.setattr(fmt, "rng_state", dies_on_second_save)
     with pytest.raises(OSError, match="disk full"):
         make_tuner(make_model(), tmp_path, epochs=1).fit(train)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]  # no temporary left behind
@@ -361,3 +363,257 @@ def test_save_refuses_non_finite_weights(make_model, data, tmp_path):
     with pytest.raises(TrainingError, match=r"refusing to write a checkpoint: model weights \['head.bias'\]"):
         ckpt.save_checkpoint(tmp_path / "step-00000099", tuner, tuner.state)
     assert not (tmp_path / "step-00000099").exists()
+
+
+# -- resuming into a changed run ----------------------------------------------------------------
+
+
+class Marker(Callback):
+    """A callback with state of its own, to stand in front of the others."""
+
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def best_first(tuner):
+    """KeepBest on a metric that is best in epoch 1: 0, -1, -2, ... by epoch."""
+    tuner.metrics["minus_epoch"] = lambda logits, targets: -float(tuner.state.epoch)
+    return tuner
+
+
+@pytest.mark.parametrize("change", ["progress bar on", "callback in front"])
+def test_callback_state_finds_its_callback_in_a_changed_list(make_model, data, tmp_path, caplog, change):
+    """KeepBest's best epoch is before the checkpoint: lost on resume, the run would end elsewhere."""
+    train, val = data
+    model = make_model()
+    start = weights(model)
+    options = dict(epochs=3, keep_best=False)
+    keep = KeepBest("minus_epoch", mode="max")
+    history = best_first(make_tuner(model, tmp_path / "a", callbacks=[keep], **options)).fit(train, val)
+    assert keep.best_epoch == 0
+    expected = weights(model)
+
+    model.load_state_dict(start)
+    keep = KeepBest("minus_epoch", mode="max")
+    if change == "progress bar on":  # the ProgressBar goes first
+        again = make_tuner(model, tmp_path / "b", progress=True, callbacks=[keep], **options)
+    else:
+        callbacks = [Marker(), Checkpoint(tmp_path / "b", every_n_steps=3, keep_last=None), keep]
+        again = make_tuner(model, callbacks=callbacks, **options)
+    with caplog.at_level(logging.INFO, logger="llmtune"):
+        resumed = best_first(again).fit(train, val, resume_from=tmp_path / "a" / "step-00000004")
+    assert resumed.records == history.records
+    assert keep.best_epoch == 0
+    assert_same_weights(weights(model), expected)
+    assert "restored the state of callbacks ['Checkpoint #1', 'KeepBest #1']" in caplog.text
+    if change == "callback in front":
+        assert "['Marker #1'] got no saved state" in caplog.text
+
+
+def test_callback_states_match_by_class_and_occurrence(caplog):
+    from llmtune._resume import match_callbacks
+
+    saved = [
+        {"class": "ProgressBar", "state": {}},
+        {"class": "KeepBest", "state": {"best": 1.0}},
+        {"class": "EarlyStopping", "state": {"best": 0.5}},
+        {"class": "KeepBest", "state": {"best": 2.0}},
+        {"class": "KeepBest", "state": {"best": 3.0}},
+    ]
+    first, second, stop = KeepBest("loss"), KeepBest("f1"), EarlyStopping()
+    pairs, homeless, starved = match_callbacks(saved, [Marker(), first, stop, second])
+    assert [(label, callback, state["best"]) for label, callback, state in pairs] == [
+        ("KeepBest #1", first, 1.0),
+        ("EarlyStopping #1", stop, 0.5),
+        ("KeepBest #2", second, 2.0),  # the second KeepBest gets the second saved KeepBest's state
+    ]
+    assert homeless == ["KeepBest #3"] and starved == ["Marker #1"]  # ProgressBar's {} is no state
+
+
+class OptimizerProbe(Callback):
+    """Records the optimizer right after a resume (on_fit_start), before any step."""
+
+    def on_fit_start(self, tuner, state, **kwargs):
+        groups = state.optimizer.param_groups
+        self.lrs = {round(g["lr"], 12) for g in groups}
+        self.decay = {g["weight_decay"] for g in groups}
+        self.exp_avg = state.optimizer.state[tuner.model.head.weight]["exp_avg"].clone()
+
+
+def test_a_changed_learning_rate_or_weight_decay_resumes_with_them(make_model, data, tmp_path, caplog):
+    """lr 3e-3 == head lr made two groups; lr 5e-4 makes four, weight_decay=0 one: state moves by name."""
+    train, _ = data
+    make_tuner(make_model(), tmp_path / "a").fit(train)  # linear decay over 8 steps
+    path = tmp_path / "a" / "step-00000003"
+    saved = torch.load(path / ckpt.OPTIMIZER_FILE, weights_only=True)
+    index = {n: i for g in saved["param_groups"] for n, i in zip(g["param_names"], g["params"])}
+    for factory, lrs in [
+        (OptimizerFactory.adamw(lr=5e-4), {5e-4 * 5 / 8, 1e-3 * 5 / 8}),  # 5 of 8 steps left
+        (OptimizerFactory.adamw(lr=3e-3, weight_decay=0.0), {3e-3 * 5 / 8}),
+    ]:
+        probe = OptimizerProbe()
+        tuner = make_tuner(make_model(), tmp_path / f"b{factory.lr}", callbacks=[probe])
+        tuner.optimizer = factory
+        with caplog.at_level(logging.WARNING, logger="llmtune"):
+            tuner.fit(train, resume_from=path)
+        assert tuner.state.step == 8
+        assert probe.lrs == {round(lr, 12) for lr in lrs}
+        assert probe.decay == ({0.0} if factory.weight_decay == 0 else {0.0, 0.01})
+        assert torch.equal(probe.exp_avg, saved["state"][index["head.weight"]]["exp_avg"])
+        assert "with changed settings: optimizer." in caplog.text
+
+
+def test_another_optimizer_starts_its_state_fresh(make_model, data, tmp_path, caplog):
+    train, _ = data
+    make_tuner(make_model(), tmp_path / "a").fit(train)
+    tuner = make_tuner(make_model(), tmp_path / "b")
+    tuner.optimizer = OptimizerFactory.sgd(lr=3e-3)
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        tuner.fit(train, resume_from=tmp_path / "a" / "step-00000003")
+    assert tuner.state.step == 8
+    assert "another optimizer (AdamW in the checkpoint, SGD now): its state" in caplog.text
+    assert "optimizer.name: 'adamw' in the checkpoint, 'sgd' now" in caplog.text
+
+
+def test_a_checkpoint_without_parameter_names_resumes_by_position(make_model, data, tmp_path):
+    """Checkpoints written before the optimizer state carried names still resume exactly."""
+    train, val = data
+    model = make_model()
+    start = weights(model)
+    history = make_tuner(model, tmp_path / "a").fit(train, val)
+    expected = weights(model)
+    path = tmp_path / "a" / "step-00000003"
+    saved = torch.load(path / ckpt.OPTIMIZER_FILE, weights_only=True)
+    for group in saved["param_groups"]:
+        del group["param_names"]
+    torch.save(saved, path / ckpt.OPTIMIZER_FILE)
+    model.load_state_dict(start)
+    assert make_tuner(model, tmp_path / "b").fit(train, val, resume_from=path).records == history.records
+    assert_same_weights(weights(model), expected)
+
+
+def test_a_changed_tokenizer_fast_cpu_or_dropout_is_named_on_resume(make_model, data, tmp_path, caplog):
+    import copy
+
+    train, _ = data
+    make_tuner(make_model(), tmp_path / "a").fit(train)
+    model = make_model(dropout=0.2)
+    model.tokenizer = copy.deepcopy(model.tokenizer)
+    model.tokenizer.add_tokens(["zzzunseen"])
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        tuner = make_tuner(model, tmp_path / "b", fast_cpu=False)
+        tuner.fit(train, resume_from=tmp_path / "a" / "step-00000003")
+    warning = caplog.text
+    assert "fast_cpu: True in the checkpoint, False now" in warning
+    assert "tokenizer.vocab_sha256:" in warning and "tokenizer.vocab_size:" in warning
+    assert "dropout.head: 0.1 in the checkpoint, 0.2 now" in warning
+    assert "dropout.encoder.hidden_dropout_prob: 0.1 in the checkpoint, 0.2 now" in warning
+
+
+# -- damaged and newer checkpoints --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tokenizer):
+    """A finished run's directory (checkpoints at steps 3, 4, 6, 8) and the data it trained on."""
+    from conftest import tiny_encoder
+
+    from llmtune import ClassifierModel
+
+    torch.manual_seed(0)
+    texts, labels = sentiment_texts(40)
+    train, val = DatasetAdapter.from_lists(texts, labels).split(validation=8, seed=0)
+    directory = tmp_path_factory.mktemp("finished")
+    model = ClassifierModel(tiny_encoder(tokenizer), tokenizer, labels=["neg", "pos"])
+    make_tuner(model, directory).fit(train, val)
+    return directory, train
+
+
+def _damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "garbage":
+        path.write_bytes(bytes(range(256)) * (len(raw) // 256 + 1))
+    elif path.suffix == ".json":  # readable, but not what the file should hold
+        path.write_text(json.dumps({"something": "else"}))
+    else:
+        torch.save({"something": torch.zeros(3)} if path.name != ckpt.CALLBACKS_FILE else [1, 2], path)
+
+
+# Other weights with the right names would make another model, refused as such (see above).
+DAMAGES = [(n, how) for n in ckpt.FILES for how in ("truncated", "garbage", "wrong content")]
+
+
+@pytest.mark.parametrize("name, how", [d for d in DAMAGES if d != (ckpt.MODEL_FILE, "wrong content")])
+def test_a_damaged_file_is_named_and_the_model_stays_untouched(make_model, finished, tmp_path, name, how):
+    import shutil
+
+    directory, train = finished
+    path = tmp_path / "step-00000003"
+    shutil.copytree(directory / "step-00000003", path)
+    _damage(path / name, how)
+    model = make_model()
+    before = weights(model)
+    with pytest.raises(CheckpointError) as caught:
+        make_tuner(model, tmp_path / "run").fit(train, resume_from=path)
+    assert str(caught.value).startswith(f"{path / name}: cannot read (")
+    assert "the checkpoint is damaged" in str(caught.value)
+    assert_same_weights(weights(model), before)
+    assert not (tmp_path / "run" / ".lock").exists()  # released although fit raised
+    if name in (ckpt.MODEL_FILE, ckpt.CONFIG_FILE):  # the files load_weights reads
+        with pytest.raises(CheckpointError, match=re.escape(f"{path / name}: cannot read (")):
+            ckpt.load_weights(model, path)
+        assert_same_weights(weights(model), before)
+
+
+def test_a_newer_format_is_refused_and_older_ones_read(make_model, finished, tmp_path):
+    import shutil
+
+    directory, train = finished
+    path = tmp_path / "step-00000003"
+    shutil.copytree(directory / "step-00000003", path)
+    config = json.loads((path / ckpt.CONFIG_FILE).read_text())
+    assert config["format"] == ckpt.FORMAT == 1
+    ckpt.load_weights(make_model(), path)  # the current format
+    (path / ckpt.CONFIG_FILE).write_text(json.dumps({**config, "format": 2}))
+    message = r"format 2, written by a newer llmtune; this version reads formats up to 1\. Upgrade"
+    with pytest.raises(CheckpointError, match=message):
+        make_tuner(make_model(), tmp_path / "run").fit(train, resume_from=path)
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.load_weights(make_model(), path)
+    # A checkpoint written before tokenizer, dropout and optimizer class were recorded still resumes.
+    old = {k: v for k, v in config.items() if k not in ("tokenizer", "dropout", "optimizer_class")}
+    old["settings"] = {k: v for k, v in config["settings"].items() if k != "fast_cpu"}
+    (path / ckpt.CONFIG_FILE).write_text(json.dumps(old))
+    tuner = make_tuner(make_model(), tmp_path / "run")
+    tuner.fit(train, resume_from=path)
+    assert tuner.state.step == 8
+
+
+def test_mps_generator_state_is_saved_and_restored(make_model, data, tmp_path, monkeypatch, caplog):
+    from llmtune import _checkpoint_format as fmt
+
+    train, _ = data
+    tuner = make_tuner(make_model(), epochs=1)
+    tuner.fit(train)
+    generator = torch.Generator().manual_seed(7).get_state()
+    restored = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: generator.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    path = ckpt.save_checkpoint(tmp_path / "step-00000004", tuner, tuner.state)
+    state = fmt.read_rng(path / ckpt.RNG_FILE)
+    assert torch.equal(state["mps"], generator)
+    fmt.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], generator)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        fmt.set_rng_state(state)
+    assert "has mps RNG state but mps is not available" in caplog.text
