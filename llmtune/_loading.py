@@ -107,6 +107,19 @@ def read_head(directory: str) -> dict[str, Any] | None:
     return saved
 
 
+_PLAIN_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")  # a tokenizer.json, nothing more
+
+
+def _saved_as_plain_fast(source: str) -> bool:
+    config = Path(source) / "tokenizer_config.json"
+    if not (config.is_file() and (Path(source) / "tokenizer.json").is_file()):
+        return False
+    try:
+        return json.loads(config.read_text()).get("tokenizer_class") in _PLAIN_FAST
+    except (OSError, ValueError):
+        return False
+
+
 def load_tokenizer(source: str, vocab_size: int | None) -> Any:
     """The tokenizer of `source`, refused when a directory has no tokenizer files or it is
     far smaller than the encoder's vocabulary (every word would become [UNK])."""
@@ -119,6 +132,13 @@ def load_tokenizer(source: str, vocab_size: int | None) -> Any:
         )
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(source)
+        if _saved_as_plain_fast(source) and type(tokenizer).__name__ not in _PLAIN_FAST:
+            # transformers 5 rebuilds such a tokenizer as the model type's own class (a
+            # WordPiece tokenizer saved beside a Qwen2 model came back as byte-level BPE):
+            # load exactly the tokenizer.json that was saved.
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
     if vocab_size and len(tokenizer) < vocab_size // 2:
         raise ConfigError(
             f"{source}: the tokenizer has {len(tokenizer)} tokens but the encoder's vocabulary "
