@@ -1,49 +1,13 @@
-"""Token storage, length-grouped batch order and dynamic padding for DatasetAdapter."""
+"""Token storage, length-grouped batch order and dynamic padding for DatasetAdapter and prediction."""
 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-
-from .errors import ConfigError
-
-logger = logging.getLogger("llmtune")
-
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Give a tokenizer without a pad token its end-of-sequence token to pad with (decoders).
-
-    Padded positions are masked out, so which token fills them does not matter.
-
-    Raises:
-        ConfigError: the tokenizer has no end-of-sequence token either.
-    """
-    if tokenizer.pad_token_id is not None:
-        return
-    if getattr(tokenizer, "eos_token", None) is None:
-        raise ConfigError(
-            f"tokenizer {tokenizer.name_or_path!r} has no pad token and no end-of-sequence token to "
-            "pad with; set one: tokenizer.pad_token = '<pad>' (and resize the embeddings)."
-        )
-    tokenizer.pad_token = tokenizer.eos_token
-    logger.info("tokenizer %r has no pad token: padding with %r", tokenizer.name_or_path, tokenizer.eos_token)
-
-
-def padding(tokenizer: Any) -> dict[str, Any]:
-    """How batches are padded for `tokenizer`: its pad id, and on which side (`Tokenized` fields).
-
-    Raises:
-        ConfigError: no pad token: texts of two lengths cannot share a batch.
-    """
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set one.")
-    return {"pad_id": int(tokenizer.pad_token_id), "pad_left": tokenizer.padding_side == "left"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +20,7 @@ class Tokenized:
     labels: np.ndarray | None  # (N,) int64 ids, (N,) float32 targets or (N, K) float32 multi-hot
     pad_id: int
     pad_left: bool = False  # the tokenizer's padding side: some decoders' tokenizers pad on the left
+    text: np.ndarray | None = None  # (N,) the text each row is a window of; None: a row per text
 
     @classmethod
     def from_rows(
@@ -65,6 +30,7 @@ class Tokenized:
         labels: np.ndarray | None,
         pad_id: int,
         pad_left: bool = False,
+        text: Sequence[int] | None = None,
     ) -> Tokenized:
         """Pack per-example token lists (what a tokenizer returns) into flat arrays."""
         offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
@@ -75,11 +41,22 @@ class Tokenized:
             types = np.fromiter(
                 itertools.chain.from_iterable(token_type_ids), np.int64, count=int(offsets[-1])
             )
-        return cls(flat, types, offsets, labels, pad_id, pad_left)
+        windows = None if text is None else np.asarray(text, dtype=np.int64)
+        if windows is not None and np.array_equal(windows, np.arange(len(windows))):
+            windows = None  # every text fits in one row: nothing to aggregate
+        return cls(flat, types, offsets, labels, pad_id, pad_left, windows)
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @property
+    def text_labels(self) -> np.ndarray | None:
+        """The labels of the texts (one per text, where rows are windows of them)."""
+        if self.labels is None or self.text is None:
+            return self.labels
+        first = np.flatnonzero(np.diff(self.text, prepend=-1))  # each text's first row
+        return self.labels[first]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

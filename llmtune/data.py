@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _files, _labels
-from ._batching import BatchLoader, Tokenized, padding
+from ._batching import BatchLoader, Tokenized
 from ._labels import Task
+from ._tokens import encode, padding
 from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -33,33 +34,6 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             ds_logging.enable_progress_bar()
-
-
-def clip_pairs(
-    tokenizer: Any, first: list[str], second: list[str], max_length: int, margin: int = 16
-) -> tuple[list[str], list[str]]:
-    """Cut the texts of long pairs a little after the tokens that truncation would keep.
-
-    Fast tokenizers truncate a pair of long texts in time and memory that grow with the
-    square of their length (two 40k-character texts: 4 GB), while a single text tokenizes
-    in linear time. So each side of a long pair is cut at a token boundary after
-    `max_length + margin` tokens, the longer side a margin later, which keeps what
-    "longest_first" truncation looks at (which side is longer, the shorter one's length)
-    and so gives the same tokens.
-    """
-    long = [i for i, (a, b) in enumerate(zip(first, second)) if min(len(a), len(b)) > max_length]
-    if not long or not getattr(tokenizer, "is_fast", False):
-        return first, second
-    first, second = list(first), list(second)
-    texts = [first[i] for i in long] + [second[i] for i in long]
-    spans = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    for j, i in enumerate(long):
-        a, b = spans[j], spans[len(long) + j]
-        for side, mine, other in ((first, a, b), (second, b, a)):
-            keep = max_length + margin * (2 if len(mine) > len(other) else 1)
-            if len(mine) > keep:
-                side[i] = side[i][: mine[keep][0]]  # exactly `keep` tokens before the cut
-    return first, second
 
 
 class DatasetAdapter:
@@ -305,25 +279,33 @@ class DatasetAdapter:
 
     # -- tokenization and batching -------------------------------------------------------
 
-    def tokenize(self, tokenizer: Any, max_length: int) -> Tokenized:
-        """Tokenize once per (tokenizer, max_length) through `datasets.map`; later calls reuse it."""
-        key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length)
+    def tokenize(self, tokenizer: Any, max_length: int, stride: int | None = None) -> Tokenized:
+        """Token rows through `datasets.map`, once per (tokenizer, max_length, stride); reused after.
+
+        With `stride`, a text longer than `max_length` becomes overlapping windows, each a
+        row carrying its text's label (see `_tokens.encode`).
+        """
+        key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length, stride)
         key += (tokenizer.padding_side,)
         if key not in self._tokenized:
             pad = padding(tokenizer)
-            pair = self.has_pairs
+            pair, labelled = self.has_pairs, self.has_labels
 
-            def encode(batch: dict[str, list]) -> dict[str, list]:
-                first, second = batch["text"], batch["text_pair"] if pair else None
-                if pair:
-                    first, second = clip_pairs(tokenizer, first, second, max_length)
-                return tokenizer(first, second, truncation=True, max_length=max_length)
+            def rows(batch: dict[str, list], index: list[int]) -> dict[str, list]:
+                out = encode(
+                    tokenizer, batch["text"], batch["text_pair"] if pair else None, max_length, stride
+                )
+                if labelled:
+                    out["label"] = [batch["label"][i] for i in out["text"]]
+                out["text"] = [index[i] for i in out["text"]]
+                return out
 
-            columns = [c for c in self.dataset.column_names if c != "label"]
             with _no_progress_bars():
-                encoded = self.dataset.map(encode, batched=True, remove_columns=columns)
+                encoded = self.dataset.map(
+                    rows, batched=True, with_indices=True, remove_columns=self.dataset.column_names
+                )
             labels = None
-            if self.has_labels:
+            if labelled:
                 dtype = np.int64 if self.task == "classification" else np.float32
                 labels = np.asarray(list(encoded["label"]), dtype=dtype)
             types = encoded["token_type_ids"] if "token_type_ids" in encoded.column_names else None
@@ -332,6 +314,7 @@ class DatasetAdapter:
                 None if types is None else list(types),
                 labels,
                 **pad,
+                text=encoded["text"],
             )
         return self._tokenized[key]
 
@@ -341,6 +324,7 @@ class DatasetAdapter:
         *,
         batch_size: int = 32,
         max_length: int = 512,
+        stride: int | None = None,
         shuffle: bool = False,
         group_by_length: bool = False,
         seed: int = 0,
@@ -352,7 +336,7 @@ class DatasetAdapter:
         each padded to its own longest example. `group_by_length` puts similar lengths
         together (random order of groups, reproducible from `seed` and the epoch)."""
         return BatchLoader(
-            self.tokenize(tokenizer, max_length),
+            self.tokenize(tokenizer, max_length, stride),
             batch_size,
             shuffle=shuffle,
             group_by_length=group_by_length,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["accuracy", "macro_f1", "multilabel_f1", "subset_accuracy", "mse", "mae"]
+from . import _calibration
+
+__all__ = ["accuracy", "macro_f1", "multilabel_f1", "subset_accuracy", "mse", "mae", "ece", "f1_per_class"]
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -16,8 +18,8 @@ def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((logits.argmax(-1) == targets).mean())
 
 
-def _f1_per_class(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    # F1 = 2tp / (2tp + fp + fn); 0 where the class has no targets and no predictions.
+def f1_per_class(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """F1 = 2tp / (2tp + fp + fn) per class, from its counts; 0 where it has no targets or predictions."""
     denom = 2 * tp + fp + fn
     return np.divide(2 * tp, denom, out=np.zeros_like(denom, dtype=float), where=denom > 0)
 
@@ -37,7 +39,7 @@ def macro_f1(logits: np.ndarray, targets: np.ndarray) -> float:
     tp = np.diag(confusion)
     predicted, actual = confusion.sum(0), confusion.sum(1)
     present = (predicted + actual) > 0
-    return float(_f1_per_class(tp, predicted - tp, actual - tp)[present].mean())
+    return float(f1_per_class(tp, predicted - tp, actual - tp)[present].mean())
 
 
 def multilabel_f1(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -49,7 +51,12 @@ def multilabel_f1(logits: np.ndarray, targets: np.ndarray) -> float:
     pred = logits > 0
     truth = targets > 0.5
     tp = (pred & truth).sum(0)
-    return float(_f1_per_class(tp, (pred & ~truth).sum(0), (~pred & truth).sum(0)).mean())
+    return float(f1_per_class(tp, (pred & ~truth).sum(0), (~pred & truth).sum(0)).mean())
+
+
+def ece(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Expected calibration error (15 equal-width confidence bins) of softmax or sigmoid outputs."""
+    return _calibration.ece(logits, targets)
 
 
 def subset_accuracy(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -9,16 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import _atomic, _families, _loading, _pooling, _runtime
-from ._batching import Tokenized, ensure_pad_token, padding
+from . import _atomic, _families, _loading, _pooling
+from ._inference import Inference
 from ._labels import TASKS
 from ._layers import find_layers
 from ._loading import HEAD_CONFIG, HEAD_FORMAT, HEAD_WEIGHTS
-from .errors import ConfigError, DataError
+from ._tokens import AGGREGATIONS, ensure_pad_token
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .tuning import TuningStrategy
@@ -40,14 +40,16 @@ def _enable_checkpointing(encoder: nn.Module) -> None:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def _text_list(texts: Sequence[str], name: str) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError(f"predict takes a list of texts, not one string; wrap it: [text] ({name})")
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise DataError(f"{name}[{i}] is {text!r} ({type(text).__name__}), not a string.")
-    return texts
+def _window_settings(stride: int | None, aggregation: str, tokenizer: Any, max_length: int) -> tuple:
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    room = max_length - tokenizer.num_special_tokens_to_add()  # text tokens in one window
+    if stride is not None and not (isinstance(stride, int) and 0 <= stride < room):
+        raise ConfigError(
+            f"stride={stride!r}: the overlap of two windows must be an int in [0, {room}) at "
+            f"max_length={max_length} (each window holds {room} tokens of text)."
+        )
+    return stride, aggregation
 
 
 def _refuse_foreign_files(directory: Path, files: list[str]) -> None:
@@ -71,7 +73,7 @@ def _refuse_foreign_files(directory: Path, files: list[str]) -> None:
         )
 
 
-class ClassifierModel(nn.Module):
+class ClassifierModel(Inference, nn.Module):
     """Encoder + pooling + dropout + linear head; `forward` returns logits.
 
     Args:
@@ -90,6 +92,11 @@ class ClassifierModel(nn.Module):
             every process (torch seeds its own generator at random); None draws from torch's.
         gradient_checkpointing: recompute each layer's activations in backward instead of
             keeping them: less memory for more compute, for long inputs and large models.
+        stride: None truncates texts to `max_length`. A number reads a longer text as
+            overlapping windows of `max_length` tokens with `stride` tokens of overlap, in
+            training, evaluation and prediction alike; each window is a training example
+            with its text's label, and a text's output is its windows' `aggregation`.
+        aggregation: how windows make a text's output: "mean" or "max" of their logits.
 
     Raises:
         ConfigError: unknown task or pooling, labels that contradict `num_labels`, empty or
@@ -115,6 +122,8 @@ class ClassifierModel(nn.Module):
         max_length: int | None = None,
         seed: int | None = 0,
         gradient_checkpointing: bool = False,
+        stride: int | None = None,
+        aggregation: str = "mean",
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -140,6 +149,7 @@ class ClassifierModel(nn.Module):
         self.dropout_p = getattr(config, "hidden_dropout_prob", 0.1) if dropout is None else dropout
         self.max_length = _families.max_length(max_length, tokenizer, config)
         ensure_pad_token(tokenizer)
+        self.stride, self.aggregation = _window_settings(stride, aggregation, tokenizer, self.max_length)
         # A decoder's positions follow the mask and it keeps no KV cache (see `encode`).
         self.decoder = _families.family(config).decoder
         if gradient_checkpointing:
@@ -173,11 +183,15 @@ class ClassifierModel(nn.Module):
         seed: int | None = 0,
         gradient_checkpointing: bool = False,
         quantization: str | None = None,
+        stride: int | None = None,
+        aggregation: str | None = None,
         **encoder_kwargs: Any,
     ) -> ClassifierModel:
         """Load an encoder and tokenizer by Hub name or local directory, and add a new head.
 
-        A directory written by `save_pretrained` reloads with its head, labels and settings.
+        A directory written by `save_pretrained` reloads with its head, labels and settings
+        (pooling, max length, windows, calibration); `dropout`, `max_length`, `stride` and
+        `aggregation` given here replace the saved ones.
         `pooling="auto"` is "last" for a decoder LLM; for an encoder, the pooling the
         checkpoint was trained with when it says (sentence-transformers'
         `1_Pooling/config.json`), else CLS. Extra keyword arguments go to
@@ -200,13 +214,15 @@ class ClassifierModel(nn.Module):
         source = _loading.adapter_base(directory, tuning, base)
         encoder = _loading.load_encoder(str(source), quantization, **encoder_kwargs)
         tokenizer = _loading.load_tokenizer(directory, getattr(encoder.config, "vocab_size", None))
+        settings = dict(dropout=dropout, max_length=max_length, stride=stride, aggregation=aggregation)
+        runtime = dict(seed=seed, gradient_checkpointing=gradient_checkpointing)
         if saved is None:
-            pooling = _pooling.resolve(pooling, encoder.config, directory)
             if task is None:
                 task = "regression" if labels is None and num_labels in (None, 1) else "classification"
-            options = dict(labels=labels, task=task, num_labels=num_labels, pooling=pooling, dropout=dropout)
-            options |= dict(max_length=max_length, seed=seed, gradient_checkpointing=gradient_checkpointing)
-            return cls(encoder, tokenizer, **options)
+            settings["aggregation"] = aggregation or "mean"
+            pooling = _pooling.resolve(pooling, encoder.config, directory)
+            options = dict(labels=labels, task=task, num_labels=num_labels, pooling=pooling)
+            return cls(encoder, tokenizer, **options, **settings, **runtime)
         given = {"labels": None if labels is None else [str(x) for x in labels], "task": task}
         given |= {"num_labels": num_labels, "pooling": None if pooling == "auto" else pooling}
         clash = [f"{k}={v!r}" for k, v in given.items() if v is not None and v != saved[k]]
@@ -216,18 +232,12 @@ class ClassifierModel(nn.Module):
                 f"{directory} was trained with {trained}; {', '.join(clash)} contradict it. Leave "
                 "them out to load it as saved, or load its encoder into a new model."
             )
-        model = cls(
-            encoder,
-            tokenizer,
-            labels=saved["labels"],
-            task=saved["task"],
-            num_labels=saved["num_labels"],
-            pooling=saved["pooling"],
-            dropout=saved["dropout"] if dropout is None else dropout,
-            max_length=max_length or saved["max_length"],
-            seed=seed,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        settings = {k: saved.get(k) if v is None else v for k, v in settings.items()}
+        settings["aggregation"] = settings["aggregation"] or "mean"
+        options = {k: saved[k] for k in ("labels", "task", "num_labels", "pooling")}
+        model = cls(encoder, tokenizer, **options, **settings, **runtime)
+        model.temperature = saved.get("temperature", 1.0)
+        model.thresholds, model.threshold = saved.get("thresholds"), saved.get("threshold")
         _loading.load_head(model.head, directory)
         if tuning.get("name") == "LoRA":
             from .tuning import LoRA
@@ -244,6 +254,11 @@ class ClassifierModel(nn.Module):
             "pooling": self.pooling,
             "dropout": self.dropout_p,
             "max_length": self.max_length,
+            "stride": self.stride,
+            "aggregation": self.aggregation,
+            "temperature": self.temperature,
+            "thresholds": self.thresholds,
+            "threshold": self.threshold,
             "format": HEAD_FORMAT,
         }
         if self.tuning is not None:  # LoRA's record says which base encoder the adapter needs
@@ -358,89 +373,3 @@ class ClassifierModel(nn.Module):
         if features is not None:
             return self.classify(features)
         return self.classify(self.encode(input_ids, attention_mask, token_type_ids))
-
-    # -- inference ----------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return self.head.weight.device
-
-    @torch.inference_mode()
-    def outputs(self, data: Tokenized, batch_size: int = 64, indices: np.ndarray | None = None) -> np.ndarray:
-        """Raw outputs for tokenized examples (all, or those at `indices`), in that order, in eval mode.
-
-        Batches go in length order so each pads little; the outputs are put back in place.
-        Returns shape (N, num_labels), or (len(indices), num_labels).
-        """
-        chosen = np.arange(len(data)) if indices is None else np.asarray(indices)
-        out = np.empty((len(chosen), self.head.out_features), dtype=np.float32)
-        order = np.argsort(data.lengths[chosen], kind="stable")
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = data.collate(chosen[rows])
-                batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-                out[rows] = self(**batch).float().cpu().numpy()
-        finally:
-            self.train(was_training)
-        return out
-
-    def logits(
-        self,
-        texts: Sequence[str],
-        text_pairs: Sequence[str] | None = None,
-        batch_size: int = 64,
-        precision: str = "auto",
-    ) -> np.ndarray:
-        """Raw outputs for a list of texts, shape (N, num_labels).
-
-        `precision` as in FineTuner: "auto" runs bf16 autocast where the hardware computes bf16
-        natively (CUDA, CPUs with AVX-512 BF16 or AMX: ~2-4x faster, outputs within ~1e-2),
-        else fp32; "fp32" gives exact outputs.
-        """
-        texts = _text_list(texts, "texts")
-        pairs = None if text_pairs is None else _text_list(text_pairs, "text_pairs")
-        if pairs is not None and len(pairs) != len(texts):
-            raise DataError(f"{len(texts)} texts but {len(pairs)} text_pairs.")
-        if not texts:
-            return np.zeros((0, self.head.out_features), dtype=np.float32)
-        pad = padding(self.tokenizer)
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
-        data = Tokenized.from_rows(enc["input_ids"], enc.get("token_type_ids"), None, **pad)
-        with _runtime.autocast(self.device, _runtime.resolve_precision(precision, self.device)):
-            return self.outputs(data, batch_size)
-
-    def predict_proba(
-        self,
-        texts: Sequence[str],
-        text_pairs: Sequence[str] | None = None,
-        batch_size: int = 64,
-        precision: str = "auto",
-    ) -> np.ndarray:
-        """Class probabilities (softmax; sigmoid per label for multi-label), shape (N, num_labels)."""
-        if self.task == "regression":
-            raise ConfigError("predict_proba has no meaning for regression; use predict")
-        logits = torch.from_numpy(self.logits(texts, text_pairs, batch_size, precision))
-        probs = logits.sigmoid() if self.task == "multilabel" else logits.softmax(-1)
-        return probs.numpy()
-
-    def predict(
-        self,
-        texts: Sequence[str],
-        text_pairs: Sequence[str] | None = None,
-        batch_size: int = 64,
-        threshold: float = 0.5,
-        precision: str = "auto",
-    ) -> list[Any]:
-        """Label names (classification), lists of names (multi-label, sigmoid >= threshold),
-        or floats (regression), one per text."""
-        if self.task == "regression":
-            out = self.logits(texts, text_pairs, batch_size, precision)
-            return out[:, 0].tolist() if out.shape[1] == 1 else out.tolist()
-        probs = self.predict_proba(texts, text_pairs, batch_size, precision)
-        assert self.labels is not None
-        if self.task == "multilabel":
-            return [[self.labels[j] for j in np.flatnonzero(row >= threshold)] for row in probs]
-        return [self.labels[i] for i in probs.argmax(-1)]

@@ -100,7 +100,7 @@ class CrossEntropy(Objective):
         )
 
     def metrics(self) -> dict[str, Metric]:
-        return {"accuracy": M.accuracy, "f1": M.macro_f1}
+        return {"accuracy": M.accuracy, "f1": M.macro_f1, "ece": M.ece}
 
 
 class MeanSquaredError(Objective):

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from . import _cpu_fast, _guard, _resume, _runtime, distributed
-from ._batching import BatchLoader
+from ._batching import BatchLoader, Tokenized
 from ._state import History, TrainState
+from ._tokens import aggregate
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar, notify_on_exception
 from .data import DatasetAdapter
 from .errors import ConfigError, DataError, TrainingError
@@ -188,6 +189,8 @@ class FineTuner:
             TrainingError: a non-finite loss or gradient norm (with `nonfinite="raise"`).
         """
         self.check_data(train, validation)
+        if hasattr(self.model, "reset_calibration"):  # fitted to weights that training changes
+            self.model.reset_calibration()
         # Under torchrun: join the process group; batch_size is then per rank (as in DDP).
         self.dist, self.device = distributed.setup(self.device)
         model = self.model.to(self.device)
@@ -196,6 +199,7 @@ class FineTuner:
             model.tokenizer,
             batch_size=self.batch_size // self.grad_accum,
             max_length=model.max_length,
+            stride=getattr(model, "stride", None),
             shuffle=True,
             group_by_length=self.group_by_length,
             seed=self.seed,
@@ -363,22 +367,34 @@ class FineTuner:
 
     # -- evaluation and prediction -------------------------------------------------------
 
+    def _tokens(self, data: DatasetAdapter) -> Tokenized:
+        model = self.model
+        return data.tokenize(model.tokenizer, model.max_length, getattr(model, "stride", None))
+
     def predict(self, data: DatasetAdapter) -> np.ndarray:
-        """Raw model outputs (logits) for every example, in data order, shape (N, num_labels)."""
+        """Raw model outputs (logits) for every example, in data order, shape (N, num_labels).
+
+        A text read as several windows (`ClassifierModel(stride=...)`) gets their aggregate.
+        """
         model = self.model.to(self.device)
-        tokenized = data.tokenize(model.tokenizer, model.max_length)
-        # Data-parallel ranks each run a share of the examples and exchange the outputs.
+        tokenized = self._tokens(data)
+        # Data-parallel ranks each run a share of the rows and exchange the outputs.
         mine = np.arange(len(tokenized))[self.dist.rank :: self.dist.world_size]
         with _runtime.autocast(self.device, self.dtype):
             rows = model.outputs(tokenized, self.eval_batch_size, indices=mine)
-        return self.dist.gather_rows(rows, mine, len(tokenized))
+        rows = self.dist.gather_rows(rows, mine, len(tokenized))
+        return aggregate(rows, tokenized.text, getattr(model, "aggregation", "mean"))
 
     def evaluate(self, data: DatasetAdapter) -> dict[str, float]:
-        """Loss and metrics over all of `data` (eval mode, no gradients)."""
+        """Loss and metrics over all of `data` (eval mode, no gradients).
+
+        At the model's calibrated temperature (1.0 until `ClassifierModel.calibrate`), which
+        moves the loss and the calibration error ("ece"), not any argmax.
+        """
         if not data.has_labels:
             raise DataError(f"evaluation data ({data.source}) has no label column.")
-        logits = self.predict(data)
-        targets = data.tokenize(self.model.tokenizer, self.model.max_length).labels
+        logits = self.predict(data) / getattr(self.model, "temperature", 1.0)
+        targets = self._tokens(data).text_labels
         loss = self.objective(torch.from_numpy(logits), torch.from_numpy(targets))
         return {
             "loss": float(loss),

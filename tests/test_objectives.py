@@ -51,7 +51,7 @@ def test_bce_matches_formula(logits):
 
 
 def test_objectives_know_their_task_and_metrics():
-    assert Objective.for_task("classification").metrics().keys() == {"accuracy", "f1"}
+    assert Objective.for_task("classification").metrics().keys() == {"accuracy", "f1", "ece"}
     assert Objective.for_task("regression").metrics().keys() == {"mse", "mae"}
     assert Objective.for_task("multilabel").metrics().keys() == {"f1", "subset_accuracy"}
     with pytest.raises(ValueError, match="label_smoothing"):

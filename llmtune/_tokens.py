@@ -1,0 +1,136 @@
+"""From texts to token rows and back: padding ids, truncation or sliding windows, aggregation.
+
+Both ways texts become rows, `DatasetAdapter.tokenize` (training and evaluation data) and
+`ClassifierModel.logits` (raw texts), go through `encode`, so they see the same rows; the
+rows of one text go back to one output through `aggregate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+logger = logging.getLogger("llmtune")
+
+AGGREGATIONS = ("mean", "max")
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token its end-of-sequence token to pad with (decoders).
+
+    Padded positions are masked out, so which token fills them does not matter.
+
+    Raises:
+        ConfigError: the tokenizer has no end-of-sequence token either.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if getattr(tokenizer, "eos_token", None) is None:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path!r} has no pad token and no end-of-sequence token to "
+            "pad with; set one: tokenizer.pad_token = '<pad>' (and resize the embeddings)."
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.info("tokenizer %r has no pad token: padding with %r", tokenizer.name_or_path, tokenizer.eos_token)
+
+
+def padding(tokenizer: Any) -> dict[str, Any]:
+    """How batches are padded for `tokenizer`: its pad id, and on which side (`Tokenized` fields).
+
+    Raises:
+        ConfigError: no pad token: texts of two lengths cannot share a batch.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set one.")
+    return {"pad_id": int(tokenizer.pad_token_id), "pad_left": tokenizer.padding_side == "left"}
+
+
+def clip_pairs(
+    tokenizer: Any, first: list[str], second: list[str], max_length: int, margin: int = 16
+) -> tuple[list[str], list[str]]:
+    """Cut the texts of long pairs a little after the tokens that truncation would keep.
+
+    Fast tokenizers truncate a pair of long texts in time and memory that grow with the
+    square of their length (two 40k-character texts: 4 GB), while a single text tokenizes
+    in linear time. So each side of a long pair is cut at a token boundary after
+    `max_length + margin` tokens, the longer side a margin later, which keeps what
+    "longest_first" truncation looks at (which side is longer, the shorter one's length)
+    and so gives the same tokens.
+    """
+    long = [i for i, (a, b) in enumerate(zip(first, second)) if min(len(a), len(b)) > max_length]
+    if not long or not getattr(tokenizer, "is_fast", False):
+        return first, second
+    first, second = list(first), list(second)
+    texts = [first[i] for i in long] + [second[i] for i in long]
+    spans = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    for j, i in enumerate(long):
+        a, b = spans[j], spans[len(long) + j]
+        for side, mine, other in ((first, a, b), (second, b, a)):
+            keep = max_length + margin * (2 if len(mine) > len(other) else 1)
+            if len(mine) > keep:
+                side[i] = side[i][: mine[keep][0]]  # exactly `keep` tokens before the cut
+    return first, second
+
+
+def encode(
+    tokenizer: Any,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    stride: int | None = None,
+) -> dict[str, Any]:
+    """Token rows for `texts` (and the second texts of `pairs`): `input_ids`, maybe
+    `token_type_ids`, and `text`, the index of the text each row comes from.
+
+    Without `stride` a text is one row, truncated to `max_length` tokens. With it, a text
+    longer than that becomes overlapping windows of `max_length` tokens, `stride` tokens
+    of overlap between neighbours (the tokenizer's `return_overflowing_tokens`
+    convention); a pair is windowed over its second text. A text that fits is one row
+    either way, with the same tokens.
+    """
+    if stride is None:
+        if pairs is not None:
+            texts, pairs = clip_pairs(tokenizer, texts, pairs, max_length)
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        rows = {"input_ids": enc["input_ids"], "text": list(range(len(texts)))}
+    else:
+        enc = tokenizer(
+            texts,
+            pairs,
+            truncation="only_second" if pairs is not None else True,
+            max_length=max_length,
+            stride=stride,
+            return_overflowing_tokens=True,
+        )
+        rows = {"input_ids": enc["input_ids"], "text": list(enc["overflow_to_sample_mapping"])}
+    if "token_type_ids" in enc:
+        rows["token_type_ids"] = enc["token_type_ids"]
+    return rows
+
+
+def aggregate(rows: np.ndarray, text: np.ndarray | None, how: str = "mean") -> np.ndarray:
+    """One output per text from the outputs of its rows (windows): their mean or maximum.
+
+    Args:
+        rows: (R, K) outputs, one per row.
+        text: (R,) the text each row belongs to, 0..N-1, each at least once; None: one row
+            per text, returned as is.
+        how: "mean" or "max" (elementwise over the text's rows).
+
+    Returns:
+        (N, K) outputs.
+    """
+    if text is None:
+        return rows
+    n = int(text.max()) + 1 if len(text) else 0
+    if how == "max":
+        out = np.full((n, rows.shape[1]), -np.inf, dtype=rows.dtype)
+        np.maximum.at(out, text, rows)
+        return out
+    out = np.zeros((n, rows.shape[1]), dtype=rows.dtype)
+    np.add.at(out, text, rows)
+    return out / np.bincount(text, minlength=n)[:, None].astype(rows.dtype)
