@@ -105,7 +105,12 @@ MODELS: dict[str, Source] = {
 
 
 def cache_root() -> Path:
-    """`$LLMTUNE_CACHE`, else `$XDG_CACHE_HOME/llmtune`, else `~/.cache/llmtune`."""
+    """llmtune's cache: `$LLMTUNE_CACHE`, else `$XDG_CACHE_HOME/llmtune`, else `~/.cache/llmtune`.
+
+    Example:
+        >>> from llmtune import offline
+        >>> models = offline.cache_root() / "models"  # where model_path converts to
+    """
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmtune"
