@@ -200,6 +200,11 @@ class Inference:
             )
         if threshold is not None and threshold not in THRESHOLD_RULES:
             raise ConfigError(f"threshold must be one of {THRESHOLD_RULES} or None, got {threshold!r}")
+        if (threshold in ("precision", "recall")) != (target is not None):
+            raise ConfigError(
+                f"threshold={threshold!r} with target={target!r}: a target (e.g. 0.9) goes with "
+                "threshold='precision' or 'recall', and only with them."
+            )
         data.check_compatible(self.labels, self.task, "calibration")
         tokens = self.tokenize(data)
         with _runtime.autocast(self.device, _runtime.resolve_precision(precision, self.device)):
@@ -226,7 +231,7 @@ class Inference:
                 if threshold == "f1":
                     cut = _calibration.best_f1_threshold(positive, truth)
                 else:
-                    cut = _calibration.target_threshold(positive, truth, threshold, float(target or 0.0))
+                    cut = _calibration.target_threshold(positive, truth, threshold, float(target))
             except ValueError as err:
                 raise ConfigError(f"calibrate(threshold={threshold!r}, target={target}): {err}.") from None
             self.threshold = report["threshold"] = cut

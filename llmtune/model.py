@@ -236,8 +236,19 @@ class ClassifierModel(Inference, nn.Module):
         settings["aggregation"] = settings["aggregation"] or "mean"
         options = {k: saved[k] for k in ("labels", "task", "num_labels", "pooling")}
         model = cls(encoder, tokenizer, **options, **settings, **runtime)
-        model.temperature = saved.get("temperature", 1.0)
-        model.thresholds, model.threshold = saved.get("thresholds"), saved.get("threshold")
+        # A calibration holds for the outputs it was fitted to: the same reading of the texts.
+        reading = ("max_length", "stride", "aggregation")
+        if all(getattr(model, k) == saved.get(k, getattr(model, k)) for k in reading):
+            model.temperature = saved.get("temperature", 1.0)
+            model.thresholds, model.threshold = saved.get("thresholds"), saved.get("threshold")
+        elif saved.get("temperature", 1.0) != 1.0 or saved.get("thresholds") or saved.get("threshold"):
+            logger.warning(
+                "%s: its calibration was fitted with max_length, stride, aggregation = %s; they are "
+                "%s now, so it is dropped: calibrate again",
+                directory,
+                [saved.get(k) for k in reading],
+                [getattr(model, k) for k in reading],
+            )
         _loading.load_head(model.head, directory)
         if tuning.get("name") == "LoRA":
             from .tuning import LoRA

@@ -123,3 +123,24 @@ def test_calibration_survives_save_and_load_and_training_resets_it(make_model, m
     multi = DatasetAdapter.from_lists(texts, [names[y] for y in labels], label_names=loaded.labels)
     FineTuner(loaded, epochs=1, batch_size=8, progress=False).fit(multi)
     assert loaded.temperature == 1.0 and loaded.thresholds is None
+
+
+@pytest.mark.parametrize("rule", ["precision", "recall"])
+def test_a_target_rule_without_its_target_is_refused(trained, rule):
+    # Without the target, every threshold "reached" 0.0 and predict called everything positive.
+    model, val = trained
+    with pytest.raises(ConfigError, match="a target .* goes with threshold='precision' or 'recall'"):
+        model.calibrate(val, threshold=rule)
+    with pytest.raises(ConfigError, match="only with them"):
+        model.calibrate(val, threshold="f1", target=0.9)
+
+
+def test_reloading_with_another_reading_drops_a_stale_calibration(model_dir, tmp_path, caplog):
+    # A temperature is fitted to the outputs of one reading of the texts (max_length, stride,
+    # aggregation): max-of-windows logits are larger than their mean, so it must not carry over.
+    model = ClassifierModel.from_pretrained(model_dir, labels=["neg", "pos"], max_length=16, stride=4)
+    model.temperature = 2.5
+    model.save_pretrained(tmp_path / "m")
+    assert ClassifierModel.from_pretrained(tmp_path / "m").temperature == 2.5
+    other = ClassifierModel.from_pretrained(tmp_path / "m", aggregation="max")
+    assert other.temperature == 1.0 and "calibrate again" in caplog.text
