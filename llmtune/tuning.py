@@ -146,7 +146,12 @@ def _refuse_adapters(model: nn.Module, strategy: TuningStrategy) -> None:
 
 @dataclass(frozen=True)
 class Full(TuningStrategy):
-    """Every parameter trains (the default of a freshly loaded model)."""
+    """Every parameter trains, the word embeddings too.
+
+    A freshly loaded model trains everything but the word embeddings of a vocabulary of
+    100,000 rows or more (multilingual encoders, some LLMs), which it freezes; `Full()`
+    trains those as well.
+    """
 
     def trains(self, name: str, num_layers: int) -> bool:
         return True

@@ -91,3 +91,17 @@ def test_multilabel_predict(make_model):
         model.head.bias.copy_(torch.tensor([5.0, -5.0, 5.0]))
         model.head.weight.zero_()
     assert model.predict(["a", "b"]) == [["x", "z"], ["x", "z"]]
+
+
+def test_a_large_vocabulary_is_frozen_by_default_and_full_trains_it(tokenizer):
+    from transformers import BertConfig, BertModel
+
+    from llmtune import ClassifierModel, Full
+
+    config = BertConfig(vocab_size=120_000, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
+    model = ClassifierModel(BertModel(config, add_pooling_layer=False), tokenizer, labels=["a", "b"])
+    embedding = model.encoder.get_input_embeddings().weight
+    assert not embedding.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if "word_embeddings" not in n)
+    model.tune(Full())
+    assert embedding.requires_grad
