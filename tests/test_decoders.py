@@ -153,7 +153,7 @@ def test_a_decoder_classifier_learns(family, tokenizer):
     train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.2, seed=0)
     model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=train.labels)
     tuner = FineTuner(
-        model, optimizer=OptimizerFactory.adamw(lr=3e-3), epochs=6, batch_size=16, progress=False
+        model, optimizer=OptimizerFactory.adamw(lr=3e-3), epochs=10, batch_size=16, progress=False
     )
     tuner.fit(train, val)
     assert tuner.evaluate(val)["accuracy"] >= 0.9

