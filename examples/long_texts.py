@@ -16,7 +16,7 @@ The same encoder (all-MiniLM-L6-v2), the same max_length, the same split and see
 Training time is `FineTuner.fit`; prediction time is `model.predict` on the test texts,
 the readings interleaved over --rounds and the median kept.
 
-    python examples/long_texts.py                      # 400 articles, seed 0: ~20 minutes on 2 cores
+    python examples/long_texts.py                      # 400 articles, seed 0: 27 min on 2 busy cores
     python examples/long_texts.py --seeds 0 1 2 --json benchmarks/results/long_texts.json
     python examples/long_texts.py --report benchmarks/results/long_texts.json   # its tables again
     python examples/long_texts.py --quick              # smoke run: 2-layer encoder, 60 articles

@@ -8,7 +8,7 @@ Then a binary task, positive against the rest (18% positive), shows decision thr
 F1, precision and recall of "positive" on test at the argmax, at `calibrate(threshold="f1")`
 and at `calibrate(threshold="precision", target=...)`.
 
-    python examples/plot_calibration.py     # 5,000 tweets, 2 epochs: ~8 minutes on 2 cores
+    python examples/plot_calibration.py     # 5,000 tweets, 2 epochs, two models: ~1 hour on 2 busy cores
     python examples/plot_calibration.py --out docs/img/reliability.png \\
         --json benchmarks/results/calibration.json
     python examples/plot_calibration.py --quick --out /tmp/reliability.png   # smoke run: 2-layer encoder
