@@ -123,7 +123,7 @@ def export(model: nn.Module, directory: str | os.PathLike, *, opset: int | None 
     tokenizer = model.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(
-            f"ONNX export needs a fast tokenizer (one saved as tokenizer.json, which the `tokenizers` "
+            f"ONNX export needs a fast tokenizer (one saved as tokenizer.json, which the tokenizers "
             f"library reads); {type(tokenizer).__name__} is not one. Load the model with its fast tokenizer."
         )
     target = Path(directory)
