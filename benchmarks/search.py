@@ -5,7 +5,7 @@ train / validation / test; each trial trains on train and is scored by macro-F1 
 validation (Optuna's TPE sampler and median pruner); the best trial's model and a FineTuner
 with every default are then scored on the held-out test split. Run from the repository root:
 
-    python benchmarks/search.py            # 20 trials: about 10-15 minutes on 2 cores
+    python benchmarks/search.py --layers 2   # 16 trials, 2-layer encoder: the recorded run
     python benchmarks/search.py --quick    # 2-layer encoder, 300 tweets, 3 trials
 
 Writes benchmarks/results/search.{md,json} (--quick: runs/search-quick.*).
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--model", default=None, help="encoder directory (default: all-MiniLM-L6-v2)")
     parser.add_argument("--size", type=int, default=2000, help="tweets in all (train + validation + test)")
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N encoder layers")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rest, test = data.split(validation=0.2, seed=args.seed)
     train, val = rest.split(validation=0.2, seed=args.seed)
     extra = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    max_k = min(3, args.layers or 3)  # TopLayers' k, at most the layers there are
 
     def new_model() -> ClassifierModel:
         return ClassifierModel.from_pretrained(
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     def build(trial: optuna.Trial) -> FineTuner:
-        settings = default_space(trial, strategies=("Full", "HeadOnly", "TopLayers", "LoRA"), epochs=(1, 3))
+        strategies = ("Full", "HeadOnly", "TopLayers", "LoRA")
+        settings = default_space(trial, strategies=strategies, epochs=(1, 3), top_layers=(1, max_k))
         return settings.tuner(new_model(), progress=False, seed=args.seed)
 
     header = {

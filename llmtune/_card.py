@@ -26,16 +26,12 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def _base_name(model: Any) -> str:
-    """The name or directory of the pretrained encoder the model started from."""
-    tuning = getattr(model, "tuning", None)
-    if tuning is not None and hasattr(tuning, "record"):
-        name = tuning.record(model).get("base_model")
-        if name:
-            return str(name)
+    """The name or directory of the pretrained encoder the model started from (a directory made absolute)."""
     encoder = getattr(model, "encoder", None)
     if hasattr(encoder, "get_base_model"):  # a peft wrapper
         encoder = encoder.get_base_model()
-    return str(getattr(encoder, "name_or_path", "") or "")
+    name = str(getattr(encoder, "name_or_path", "") or "")
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
 
 
 def training_setup(tuner: FineTuner, train: Any = None, validation: Any = None) -> dict[str, Any]:

@@ -93,10 +93,13 @@ class FeatureCache:
         offset = not getattr(model, "decoder", False)  # an encoder's positions count from the first token
 
         def cached(
-            input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor | None = None,
+            **kwargs: Any,
         ) -> torch.Tensor:
-            if model.training:  # dropout: features are random
-                return encode(input_ids, attention_mask, token_type_ids)
+            if model.training or kwargs:  # dropout makes features random; other inputs are not in the key
+                return encode(input_ids, attention_mask, token_type_ids, **kwargs)
             autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
             rows = self.entries.setdefault((*key, autocast), {})
             keys = _row_keys(input_ids, attention_mask, token_type_ids, offset)
@@ -109,11 +112,15 @@ class FeatureCache:
                 rows[k] = row.clone()
             return features
 
+        before = model.__dict__.get("encode")
         model.encode = cached  # an instance attribute: the class's encode is untouched
         try:
             yield model
         finally:
-            del model.encode
+            if before is None:
+                del model.encode
+            else:
+                model.encode = before
 
 
 def _row_keys(

@@ -13,6 +13,7 @@ from conftest import sentiment_texts
 from llmtune import (
     Callback,
     Checkpoint,
+    ConfigError,
     DatasetAdapter,
     FineTuner,
     HeadOnly,
@@ -156,6 +157,13 @@ def test_only_rank_0_writes(make_model, tmp_path, monkeypatch):
     tuner_with(make_model(), tb, ml, epochs=1).fit(train, val)
     assert list(tmp_path.iterdir()) == []
     assert ml.run_id is None and tb.run is None
+    ml.log_model(tmp_path)  # nothing to do on rank 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log_model_before_any_fit_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no run to log to"):
+        MLflowLogger(f"sqlite:///{tmp_path}/mlflow.db").log_model(tmp_path)
 
 
 def test_log_every_must_be_positive():

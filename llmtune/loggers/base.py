@@ -58,7 +58,7 @@ class ExperimentLogger(Callback):
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
         self.log_every = log_every
-        self.active = False  # this process logs the current fit (rank 0)
+        self.active: bool | None = None  # this process logs the current fit (rank 0); None before any
         self.opened = False
         self.params: dict[str, Any] = {}
         self.metric_names: list[str] = []

@@ -98,7 +98,8 @@ class MLflowLogger(ExperimentLogger):
         from mlflow.entities import Param
 
         entries = [Param(k, str(v)[:_PARAM_LIMIT]) for k, v in params.items()]
-        self._client().log_batch(self.run_id, params=entries)
+        for start in range(0, len(entries), 100):  # MLflow takes at most 100 params a batch
+            self._client().log_batch(self.run_id, params=entries[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -122,10 +123,10 @@ class MLflowLogger(ExperimentLogger):
         Raises:
             ConfigError: no fit has logged a run yet.
         """
+        if self.active is False:  # a rank other than 0
+            return
         if self.run_id is None:
             raise ConfigError("MLflowLogger.log_model has no run to log to; call it after fit().")
-        if not self.active:
-            return
         if isinstance(model, (str, os.PathLike)):
             self._client().log_artifacts(self.run_id, str(model), artifact_path)
             return
