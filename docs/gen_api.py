@@ -1,4 +1,4 @@
-"""Write docs/api.md from the docstrings of every name in `llmtune.__all__` and `llmtune.attention.__all__`.
+"""Write docs/api.md from the docstrings of every name in the `__all__` of llmtune and the modules in MODULES.
 
     python docs/gen_api.py            # rewrite docs/api.md
     python docs/gen_api.py --check    # exit 1 if docs/api.md is stale
@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-MODULES = ("llmtune", "llmtune.attention")
+MODULES = ("llmtune", "llmtune.attention", "llmtune.search", "llmtune.onnx")
 API_PATH = Path(__file__).resolve().parent / "api.md"
 
 

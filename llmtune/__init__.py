@@ -9,6 +9,7 @@ from .callbacks import Callback, EarlyStopping, HistoryLogger, KeepBest, Progres
 from .checkpoint import Checkpoint
 from .data import DatasetAdapter
 from .errors import CheckpointError, ConfigError, DataError, LLMTuneError, TrainingError
+from .loggers import ExperimentLogger, MLflowLogger, TensorBoardLogger
 from .model import ClassifierModel
 from .objectives import BinaryCrossEntropy, CrossEntropy, MeanSquaredError, Objective
 from .optim import OptimizerFactory
@@ -32,6 +33,9 @@ __all__ = [
     "KeepBest",
     "HistoryLogger",
     "Checkpoint",
+    "ExperimentLogger",
+    "TensorBoardLogger",
+    "MLflowLogger",
     "History",
     "TrainState",
     "TuningStrategy",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import _atomic, _families, _loading, _pooling
+from . import _atomic, _card, _families, _loading, _pooling
 from ._inference import Inference
 from ._labels import TASKS
 from ._layers import find_layers
@@ -325,12 +325,27 @@ class ClassifierModel(Inference, nn.Module):
                 self.tokenizer.save_pretrained(tmp)
             head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
             save_file(head, tmp / HEAD_WEIGHTS)
+            _card.write_card(self, tmp, target.name)  # README.md, after peft's adapter card: ours wins
             files = sorted({p.name for p in tmp.iterdir()} | {HEAD_CONFIG})
             _refuse_foreign_files(target, files)
             # The list of files tells the next save which ones in the directory are the model's.
             (tmp / HEAD_CONFIG).write_text(json.dumps({**self.head_config(), "files": files}, indent=2))
 
         _atomic.write_atomically(target, write)
+
+    def export_onnx(self, directory: str | os.PathLike, **options: Any) -> Path:
+        """Write an ONNX graph of `predict_proba` (raw values for regression) with its tokenizer and labels.
+
+        The graph takes `input_ids` and `attention_mask` (and `token_type_ids` where the
+        tokenizer makes them) of any batch size and length. `llmtune_onnx.load(directory)`
+        predicts from it with onnxruntime and tokenizers alone. See `llmtune.onnx.export`.
+
+        Example:
+            >>> model.export_onnx("model-onnx")  # doctest: +SKIP
+        """
+        from .onnx import export
+
+        return export(self, directory, **options)
 
     # -- tuning -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _cpu_fast, _guard, _resume, _runtime, distributed
+from . import _card, _cpu_fast, _guard, _resume, _runtime, distributed
 from ._batching import BatchLoader, Tokenized
 from ._state import History, TrainState
 from ._tokens import aggregate
@@ -261,6 +261,7 @@ class FineTuner:
                 self.emit("on_epoch_end", state)
                 state.next_epoch()
         self.emit("on_fit_end", state)
+        self.model.training_record = _card.run_record(self, train, validation)  # for its model card
         return state.history
 
     def _train_epoch(self, net: torch.nn.Module, loader: BatchLoader | FeatureLoader, grads: Any) -> None:

@@ -257,10 +257,10 @@ def test_save_pretrained_replaces_its_own_files_and_refuses_to_delete_others(mak
         p.name for p in target.iterdir()
     )
     full.save_pretrained(target)
-    (target / "README.md").write_text("my model card")
-    with pytest.raises(ConfigError, match=r"holds files that are not part of a saved model: \['README.md'\]"):
+    (target / "NOTES.md").write_text("my notes")  # README.md is the model card save_pretrained writes
+    with pytest.raises(ConfigError, match=r"holds files that are not part of a saved model: \['NOTES.md'\]"):
         lora.save_pretrained(target)
-    assert (target / "README.md").read_text() == "my model card"
+    assert (target / "NOTES.md").read_text() == "my notes"
     np.testing.assert_array_equal(ClassifierModel.from_pretrained(target).logits(TEXTS), full.logits(TEXTS))
     elsewhere = tmp_path / "notes"  # not a model directory at all
     elsewhere.mkdir()

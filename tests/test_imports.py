@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("peft", "matplotlib", "pandas", "sklearn")
+HEAVY = (
+    *("peft", "matplotlib", "pandas", "sklearn"),
+    *("optuna", "mlflow", "tensorboard", "onnxruntime", "onnx", "onnxscript"),  # the integrations' extras
+)
 
 
 def test_import_llmtune_loads_no_heavy_optional_module():

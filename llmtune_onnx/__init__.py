@@ -1,0 +1,157 @@
+"""Predict with a model that `ClassifierModel.export_onnx` wrote, with onnxruntime and tokenizers alone.
+
+Imports neither torch, transformers nor llmtune, so a service that only predicts needs
+`pip install onnxruntime tokenizers numpy` and this module:
+
+    import llmtune_onnx
+    model = llmtune_onnx.load("model-onnx")
+    model.predict(["a quietly brilliant film"])   # same labels as ClassifierModel.predict
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load", "OnnxClassifier"]
+
+MODEL_FILE = "model.onnx"
+QUANTIZED_FILE = "model.int8.onnx"
+META_FILE = "llmtune_onnx.json"
+FORMAT = 1
+
+
+def _texts(texts: Sequence[str], name: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"predict takes a list of texts, not one string; wrap it: [text] ({name})")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] is {text!r} ({type(text).__name__}), not a string.")
+    return texts
+
+
+class OnnxClassifier:
+    """An exported model: tokenizer (`tokenizers`), ONNX graph (`onnxruntime`), labels and task.
+
+    `predict`, `predict_proba` and `outputs` mirror `ClassifierModel`'s: same tokenization
+    (truncated to the model's max length), same probabilities within float rounding.
+
+    Args:
+        directory: what `export_onnx` wrote.
+        quantized: run `model.int8.onnx` (written by `llmtune.onnx.quantize`).
+        threads: onnxruntime's intra-op threads (None: its default, all cores).
+        providers: onnxruntime execution providers (default: the CPU).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        quantized: bool = False,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        meta_file = directory / META_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{directory} holds no ONNX export ({META_FILE} is missing)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format", 0) > FORMAT:
+            raise ValueError(f"{meta_file}: written by a newer llmtune (format {meta['format']}); upgrade it")
+        self.task: str = meta["task"]
+        self.labels: list[str] | None = meta["labels"]
+        self.inputs: list[str] = meta["inputs"]
+        self.output: str = meta["output"]
+        self.pad_id, self.pad_left = int(meta["pad_id"]), bool(meta["pad_left"])
+        # Decision thresholds that ClassifierModel.calibrate tuned (exports before them have none).
+        self.thresholds: list[float] | None = meta.get("thresholds")
+        self.threshold: float | None = meta.get("threshold")
+        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.tokenizer.enable_truncation(int(meta["max_length"]))
+        self.tokenizer.no_padding()  # padded per batch below
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        graph = directory / (QUANTIZED_FILE if quantized else MODEL_FILE)
+        self.session = onnxruntime.InferenceSession(
+            str(graph), options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+
+    def outputs(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        """The graph's outputs for each text, shape (N, num_labels): probabilities, or values (regression).
+
+        Texts go through in length order, so each batch pads little; rows come back in input order.
+        """
+        texts = _texts(texts, "texts")
+        pairs = None if text_pairs is None else _texts(text_pairs, "text_pairs")
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} text_pairs.")
+        width = self.session.get_outputs()[0].shape[-1]
+        out = np.zeros((len(texts), width if isinstance(width, int) else 1), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self.tokenizer.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
+        lengths = np.array([len(e.ids) for e in encodings])
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            longest = int(lengths[rows].max())
+            feed = {name: np.zeros((len(rows), longest), dtype=np.int64) for name in self.inputs}
+            feed["input_ids"].fill(self.pad_id)
+            for row, i in enumerate(rows):
+                n = int(lengths[i])
+                cols = slice(longest - n, longest) if self.pad_left else slice(0, n)
+                feed["input_ids"][row, cols] = encodings[i].ids
+                feed["attention_mask"][row, cols] = 1
+                if "token_type_ids" in feed:
+                    feed["token_type_ids"][row, cols] = encodings[i].type_ids
+            out[rows] = self.session.run([self.output], feed)[0]
+        return out
+
+    def predict_proba(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64
+    ) -> np.ndarray:
+        """Class probabilities (softmax; sigmoid per label for multi-label), shape (N, num_labels)."""
+        if self.task == "regression":
+            raise ValueError("predict_proba has no meaning for regression; use predict")
+        return self.outputs(texts, text_pairs, batch_size)
+
+    def predict(
+        self,
+        texts: Sequence[str],
+        text_pairs: Sequence[str] | None = None,
+        batch_size: int = 64,
+        threshold: float | None = None,
+    ) -> list[Any]:
+        """Label names (classification), lists of names (multi-label) or floats (regression), one per text.
+
+        Decisions follow `ClassifierModel.predict`: multi-label turns a label on where its
+        probability reaches `threshold`, else the calibrated per-label threshold, else 0.5; a
+        binary classifier with a calibrated threshold picks its second label at or above it.
+        """
+        out = self.outputs(texts, text_pairs, batch_size)
+        if self.task == "regression":
+            return out[:, 0].tolist() if out.shape[1] == 1 else out.tolist()
+        assert self.labels is not None
+        if self.task == "multilabel":
+            cut = threshold if threshold is not None else np.asarray(self.thresholds or 0.5)
+            return [[self.labels[j] for j in np.flatnonzero(row >= cut)] for row in out]
+        if self.threshold is not None and out.shape[1] == 2:
+            return [self.labels[int(p >= self.threshold)] for p in out[:, 1]]
+        return [self.labels[i] for i in out.argmax(-1)]
+
+
+def load(directory: str | os.PathLike, **options: Any) -> OnnxClassifier:
+    """The exported model in `directory` (options: `quantized`, `threads`, `providers`)."""
+    return OnnxClassifier(directory, **options)
