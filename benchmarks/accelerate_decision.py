@@ -36,7 +36,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # see benchmarks/peft.py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 IMPORTS = {
     "import torch": ("", "import torch"),

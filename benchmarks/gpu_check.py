@@ -48,8 +48,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# benchmarks/peft.py would shadow the peft package that transformers imports (see peft.py).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))  # the llmtune of this working tree
 
 import torch  # noqa: E402

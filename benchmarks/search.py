@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # see benchmarks/peft.py
 sys.path.append(str(HERE.parent / "examples"))
 sys.path.append(str(HERE))
 

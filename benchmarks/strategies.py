@@ -3,11 +3,11 @@
 Each strategy trains in a fresh process (so peak RSS is its own) on the same data for the same
 number of epochs, then is scored on a held-out test split. Run from the repository root:
 
-    python benchmarks/peft.py            # 3000 tweets, 2 epochs, max_length 64: ~5 min on 2 free cores
-    python benchmarks/peft.py --quick    # 2-layer encoder, 400 tweets, 1 epoch: about a minute
+    python benchmarks/strategies.py            # 3000 tweets, 2 epochs, max_length 64: ~5 min on 2 free cores
+    python benchmarks/strategies.py --quick    # 2-layer encoder, 400 tweets, 1 epoch: about a minute
 
-Writes benchmarks/results/peft.md (table) and benchmarks/results/peft.png (accuracy against
-trainable parameters); --quick writes to runs/peft-quick.* instead.
+Writes benchmarks/results/strategies.md (table) and benchmarks/results/strategies.png (accuracy against
+trainable parameters); --quick writes to runs/strategies-quick.* instead.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is called peft.py: run as a script, its folder heads sys.path and `import peft`
-# (inside llmtune's LoRA) would find this file instead of the peft package. Drop the folder.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.append(str(HERE.parent / "examples"))  # the example's tweet loader
 
 import argparse  # noqa: E402
@@ -255,16 +252,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output path stem (default benchmarks/results/peft)")
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/strategies)")
     parser.add_argument("--quick", action="store_true", help="2-layer encoder, 400 tweets, 1 epoch")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.epochs = 400, 1
-    stem = Path(args.out or ("runs/peft-quick" if args.quick else HERE / "results" / "peft"))
+    stem = Path(args.out or ("runs/strategies-quick" if args.quick else HERE / "results" / "strategies"))
     stem.parent.mkdir(parents=True, exist_ok=True)
 
+    arguments = sys.argv[1:] if argv is None else argv
     header = {
-        "command": shlex.join(["python", "benchmarks/peft.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "benchmarks/strategies.py", *arguments]),
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
