@@ -8,6 +8,12 @@ length distribution (most texts ~15 words, a few up to max_length). Run from the
     python benchmarks/train_throughput.py            # 2 x 2,048 examples, 3 runs each: ~20 min
     python benchmarks/train_throughput.py --quick --repeat 1  # 2-layer encoder, 400 examples: ~1 min
     python benchmarks/train_throughput.py --variants llmtune,llmtune-fp32,llmtune-fused  # ablations
+    python benchmarks/train_throughput.py --decoder --sets tweets   # SmolLM2-135M + LoRA vs Trainer + peft
+
+`--lora R` trains LoRA adapters of rank R (alpha 2R, dropout 0.1, each family's default
+targets: q_proj and v_proj for Llama) on both sides: llmtune's `LoRA` and peft's
+`get_peft_model(LoraConfig(task_type="SEQ_CLS"))` on the Trainer's model. `--decoder` is
+SmolLM2-135M-Instruct (llmtune.offline) with `--lora 8`, LR 5e-4, max_length 64, batch 16.
 
 Contenders (`--variants`): llmtune (FineTuner defaults: length-grouped batches, bf16 autocast
 where the CPU runs bf16 natively, head LR 1e-3, CPU fast paths), llmtune-nofast (the same with
@@ -156,6 +162,10 @@ def run_llmtune(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         Tokenized.collate = bucketed
     if variant == "llmtune-compile":
         model.encoder = torch.compile(model.encoder, dynamic=False)
+    if args.lora:
+        from llmtune import LoRA
+
+        model.tune(LoRA(r=args.lora, alpha=2 * args.lora, dropout=0.1))
     tuner = FineTuner(
         model,
         optimizer=OptimizerFactory.adamw(lr=args.lr, options=options),
@@ -218,6 +228,23 @@ def run_hf(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, num_labels=len(train.labels), **args.extra
     )
+    if tokenizer.pad_token is None:  # decoders: batches > 1 need a pad token (transformers #34055)
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        from llmtune._families import family
+
+        targets = list(family(model.config).lora_targets)  # the targets llmtune's LoRA() picks
+        config = LoraConfig(
+            task_type="SEQ_CLS",
+            r=args.lora,
+            lora_alpha=2 * args.lora,
+            lora_dropout=0.1,
+            target_modules=targets,
+        )
+        model = get_peft_model(model, config)  # SEQ_CLS: the classification head trains too
     best = variant in ("hf-best", "hf-bf16")
     grouped = variant in ("hf-best", "hf-group")
     training_args = TrainingArguments(
@@ -316,6 +343,7 @@ def run_child(args: argparse.Namespace, variant: str, which: str) -> dict[str, A
     cmd += ["--lr", str(args.lr), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
     cmd += ["--seed", str(args.seed), "--threads", str(args.threads), "--model", args.model]
     cmd += ["--quick"] if args.quick else []
+    cmd += ["--lora", str(args.lora)] if args.lora else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -438,11 +466,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--out", default=None, help="output path stem (default benchmarks/results/train)")
     parser.add_argument("--quick", action="store_true", help="2-layer encoder, 400 examples per set")
+    parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank (0: full)")
+    parser.add_argument(
+        "--decoder", action="store_true", help="SmolLM2-135M-Instruct + LoRA r8, LR 5e-4, batch 16, length 64"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--set", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick and args.child is None:
         args.size = 400
+    if args.decoder and args.child is None:
+        from llmtune import offline
+
+        args.model = offline.model_path("SmolLM2-135M-Instruct")
+        args.lora, args.lr, args.batch_size, args.max_length = args.lora or 8, 5e-4, 16, 64
+        args.size = 640 if args.size == 2048 else args.size
     if args.model is None:
         from sentiment import default_model
 
@@ -454,7 +492,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     default = args.variants == ",".join(MAIN) and args.sets == ",".join(SETS)
     stem = Path(args.out or ("runs/train-quick" if args.quick else HERE / "results" / "train"))
-    if not default and args.out is None:
+    if args.decoder and args.out is None:
+        stem = Path("runs/train-decoder-quick" if args.quick else HERE / "results" / "train_decoder")
+    elif not default and args.out is None:
         stem = Path("runs/train-variants")
     stem.parent.mkdir(parents=True, exist_ok=True)
     command = ["python", "benchmarks/train_throughput.py", *(sys.argv[1:] if argv is None else argv)]
@@ -465,7 +505,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "peaks": peak_matmul(args.threads),
         "setup": (
-            f"{'2-layer ' if args.quick else ''}all-MiniLM-L6-v2, {args.size} examples per set "
+            f"{'2-layer ' if args.quick else ''}{Path(args.model).name}"
+            f"{f' + LoRA r{args.lora}' if args.lora else ''}, {args.size} examples per set "
             f"(80/20 train/test), max_length {args.max_length}, one epoch, batch {args.batch_size}, "
             f"LR {args.lr:g} linear decay, no warmup, {args.threads} threads; each contender in its "
             f"own process, {args.repeat} interleaved run(s) each, median reported"

@@ -46,6 +46,9 @@ def _windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
         yield window
 
 
+DEFAULT_EPOCHS = 3
+
+
 class FineTuner:
     """Trains a ClassifierModel with an Objective and an OptimizerFactory.
 
@@ -54,8 +57,13 @@ class FineTuner:
             `labels`, `task` and `max_length`).
         objective: the loss; default: the one for the model's task.
         optimizer: default `OptimizerFactory.adamw()` (lr 5e-5, head lr 1e-3, linear decay).
-        epochs: passes over the training data (ignored when `max_steps` is set).
+        epochs: passes over the training data (ignored when `max_steps` is set). None (the
+            default) is 3, or more where the data is so small that 3 passes would give fewer
+            than `min_steps` optimizer steps (logged at INFO; the history shows the epochs).
         max_steps: stop after this many optimizer steps.
+        min_steps: the fewest optimizer steps of a default-length (`epochs=None`) run. Three
+            passes over 8 examples a class are 3 steps, too few for a new head to learn
+            anything (benchmarks/results/quality.md); an explicit `epochs` is kept as given.
         batch_size: examples per optimizer step (split into `grad_accum` micro-batches).
         grad_accum: micro-batches per optimizer step; the loss of each is weighted by its
             share of the step's examples, so the gradient equals that of one big batch.
@@ -86,8 +94,9 @@ class FineTuner:
         objective: Objective | None = None,
         optimizer: OptimizerFactory | None = None,
         *,
-        epochs: int = 3,
+        epochs: int | None = None,
         max_steps: int | None = None,
+        min_steps: int = 100,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         grad_accum: int = 1,
@@ -103,7 +112,7 @@ class FineTuner:
         nonfinite: str = "raise",
         fast_cpu: bool = True,
     ) -> None:
-        if epochs < 1 and max_steps is None:
+        if epochs is not None and epochs < 1 and max_steps is None:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
         if batch_size < grad_accum or batch_size % grad_accum:
             raise ConfigError(f"batch_size={batch_size} must be a multiple of grad_accum={grad_accum}")
@@ -116,7 +125,9 @@ class FineTuner:
                 f"{self.objective!r} is for {self.objective.task} but the model is {model.task}"
             )
         self.optimizer = optimizer or OptimizerFactory.adamw()
-        self.epochs, self.max_steps = epochs, max_steps
+        if min_steps < 0:
+            raise ConfigError(f"min_steps must be >= 0, got {min_steps}")
+        self.epochs, self.max_steps, self.min_steps = epochs, max_steps, min_steps
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.max_grad_norm = max_grad_norm
@@ -208,7 +219,17 @@ class FineTuner:
         )
         loader = self.cache_features(loader)
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
-        total_steps = self.max_steps or self.epochs * steps_per_epoch
+        total_steps = self.max_steps or (self.epochs or DEFAULT_EPOCHS) * steps_per_epoch
+        if self.max_steps is None and self.epochs is None and total_steps < self.min_steps:
+            raised = math.ceil(self.min_steps / steps_per_epoch)
+            logger.info(
+                "%d epochs of %d steps are fewer than min_steps=%d: training %d epochs (epochs= sets them)",
+                DEFAULT_EPOCHS,
+                steps_per_epoch,
+                self.min_steps,
+                raised,
+            )
+            total_steps = raised * steps_per_epoch
         epochs = math.ceil(total_steps / steps_per_epoch)
         optimizer, scheduler = self.optimizer.build(model, total_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)

@@ -214,3 +214,23 @@ def test_refuses_bad_data_before_training(make_model):
         FineTuner(model, Objective.mse())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_default_epochs_give_small_data_at_least_min_steps(make_model, caplog):
+    texts, labels = sentiment_texts(40)  # 2 batches of 32: 3 epochs would be 6 steps
+    data = DatasetAdapter.from_lists(texts, labels)
+    tuner = FineTuner(make_model(), min_steps=20, progress=False, keep_best=False)
+    with caplog.at_level("INFO", logger="llmtune"):
+        history = tuner.fit(data)
+    assert tuner.state.step == 20 and len(history) == 10
+    assert "fewer than min_steps=20: training 10 epochs" in caplog.text
+
+    explicit = FineTuner(make_model(), epochs=3, min_steps=20, progress=False, keep_best=False)
+    explicit.fit(data)
+    assert explicit.state.step == 6  # an explicit epochs is kept
+    big = DatasetAdapter.from_lists(*sentiment_texts(320))  # 10 batches: 3 epochs are 30 steps
+    large = FineTuner(make_model(), min_steps=20, progress=False, keep_best=False)
+    large.fit(big)
+    assert large.state.step == 30
+    with pytest.raises(ConfigError, match="min_steps"):
+        FineTuner(make_model(), min_steps=-1)
