@@ -158,8 +158,9 @@ def run_setfit(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
 
     model = SetFitModel.from_pretrained(encoder, **({"model_kwargs": extra} if extra else {}))
     data = Dataset.from_dict({"text": train.dataset["text"], "label": train.dataset["label"]})
-    trainer = Trainer(model=model, args=TrainingArguments(seed=seed), train_dataset=data)
-    trainer.train()
+    with tempfile.TemporaryDirectory() as out:  # its checkpoints and logs stay out of the repository
+        args = TrainingArguments(output_dir=out, seed=seed, report_to="none")
+        Trainer(model=model, args=args, train_dataset=data).train()
     predicted = np.asarray(model.predict(list(test.dataset["text"])))
     targets = np.asarray(test.dataset["label"])
     return {"accuracy": float(np.mean(predicted == targets)), "f1": _macro_f1(targets, predicted)}

@@ -6,7 +6,9 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from conftest import FILLER, NEGATIVE, POSITIVE, tiny_encoder
+from families import FAMILIES, tiny_backbone
 
 from llmtune import ClassifierModel, ConfigError, DatasetAdapter, FineTuner, HeadOnly, OptimizerFactory
 from llmtune._tokens import aggregate, encode
@@ -145,3 +147,17 @@ def test_text_pairs_are_windowed_over_the_second_text(tokenizer):
     assert len(rows["text"]) > 2 and set(rows["text"]) == {0}
     assert all(r[:4] == rows["input_ids"][0][:4] for r in rows["input_ids"])  # the first text each time
     assert model.logits(["good film"], [long]).shape == (1, 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_windows_aggregate_each_window_read_alone_on_every_family(tokenizer, family):
+    encoder = tiny_backbone(family, len(tokenizer), tokenizer.pad_token_id).eval()
+    windows = ClassifierModel(encoder, tokenizer, labels=["a", "b"], max_length=12, stride=3).eval()
+    text = [long_texts(1)[0][0], "good"]  # many windows, and one that fits
+    rows = encode(tokenizer, text, None, 12, 3)
+    alone = [
+        windows(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).detach().numpy()[0]
+        for ids in rows["input_ids"]
+    ]
+    expected = aggregate(np.array(alone), np.array(rows["text"]), "mean")
+    np.testing.assert_allclose(windows.logits(text, precision="fp32"), expected, atol=1e-5)
