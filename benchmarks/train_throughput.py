@@ -302,14 +302,18 @@ def child(args: argparse.Namespace) -> None:
     layers, hidden, n = config.num_hidden_layers, config.hidden_size, result["params"]
     tokens = sum(b[2] for b in batches)
     padded = sum(b[0] * b[1] for b in batches)
+    # Forward 2N, input gradients 2N, weight gradients 2N, except that LoRA's frozen weights
+    # get none (the adapters' own FLOPs are under 1% at r=8).
+    weight_flops = 4 if args.lora else 6
+    attention = 12 * layers * hidden
     result.update(
         variant=args.variant,
         set=args.set,
         steps=len(batches),
         tokens=tokens,
         pad_fraction=1 - tokens / padded,
-        flops=6 * n * tokens + 12 * layers * hidden * sum(b[3] for b in batches),
-        padded_flops=6 * n * padded + 12 * layers * hidden * sum(b[0] * b[1] ** 2 for b in batches),
+        flops=weight_flops * n * tokens + attention * sum(b[3] for b in batches),
+        padded_flops=weight_flops * n * padded + attention * sum(b[0] * b[1] ** 2 for b in batches),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         load=os.getloadavg()[0],
         threads=torch.get_num_threads(),
