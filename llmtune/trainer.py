@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _card, _cpu_fast, _guard, _resume, _runtime, distributed
+from . import _card, _cpu_fast, _guard, _probe, _resume, _runtime, distributed
 from ._batching import BatchLoader, Tokenized
 from ._state import History, TrainState
 from ._tokens import aggregate
@@ -82,6 +82,13 @@ class FineTuner:
             layer's query/key/value and a sparse word-embedding backward (same maths, ~1.3x
             the speed; see benchmarks/README.md). The masks come from a different random
             stream than torch's dropout; False uses torch's own kernels.
+        probe: fit the head alone first, on the frozen encoder's features of the training data
+            (L2-regularised, its strength by cross-validation: `llmtune._probe`), so training
+            starts from a head that already fits (LP-FT). With validation data the probed
+            model is also scored before the first epoch, and best-weights restore can keep
+            it: on 8 examples a class the probe alone beats fine-tuning. None (default): only
+            for the small runs that `min_steps` lengthens; it costs one inference pass over
+            the training data.
 
     Example:
         >>> tuner = FineTuner(model, epochs=3, batch_size=32)  # doctest: +SKIP
@@ -111,6 +118,7 @@ class FineTuner:
         group_by_length: bool = True,
         nonfinite: str = "raise",
         fast_cpu: bool = True,
+        probe: bool | None = None,
     ) -> None:
         if epochs is not None and epochs < 1 and max_steps is None:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
@@ -119,6 +127,8 @@ class FineTuner:
         if nonfinite not in ("raise", "skip"):
             raise ConfigError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.model = model
+        self.probe = probe
+        self.probe_metrics: dict[str, float] | None = None  # the probed head's validation metrics
         self.objective = objective or Objective.for_task(model.task)
         if self.objective.task != model.task:
             raise ConfigError(
@@ -220,7 +230,11 @@ class FineTuner:
         loader = self.cache_features(loader)
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
         total_steps = self.max_steps or (self.epochs or DEFAULT_EPOCHS) * steps_per_epoch
-        if self.max_steps is None and self.epochs is None and total_steps < self.min_steps:
+        small = self.max_steps is None and self.epochs is None and total_steps < self.min_steps
+        probed = resume_from is None and (self.probe or (self.probe is None and small))
+        if probed:
+            self.probe_head(loader)
+        if small:
             raised = math.ceil(self.min_steps / steps_per_epoch)
             logger.info(
                 "%d epochs of %d steps are fewer than min_steps=%d: training %d epochs (epochs= sets them)",
@@ -248,6 +262,13 @@ class FineTuner:
         self.emit("on_fit_start", state, train=train, validation=validation)
         if resumed is not None:
             resumed.restore_callbacks_and_rng(self)
+        self.probe_metrics = None
+        if probed and validation is not None:  # the probed model is a candidate too ("epoch 0")
+            state.epoch, state.metrics = -1, self.evaluate(validation)
+            self.probe_metrics = state.metrics
+            logger.info("epoch 0 (the probed head): %s", state.metrics)
+            self.emit("on_evaluate", state, metrics=state.metrics)
+            state.epoch = 0
         net = self.dist.wrap(model, self.device)
         # Same maths, cheaper CPU kernels (see _cpu_fast); the sparse embedding gradient is
         # single-process only, as DDP's reducer wants dense gradients. The fast paths are
@@ -373,6 +394,18 @@ class FineTuner:
         self.state.epoch_skipped += 1
         self.state.skipped += 1
         return False
+
+    def probe_head(self, loader: BatchLoader | FeatureLoader) -> float:
+        """Fit the head alone on the encoder's features of the training batches (see `probe`)."""
+        if not isinstance(loader, FeatureLoader):
+            loader = FeatureLoader.build(
+                self.model, loader, self.device, self.dtype, self.eval_batch_size, dist=self.dist
+            )
+        strength = _probe.fit_head(
+            self.model.head, self.objective, loader.features, torch.from_numpy(loader.labels), seed=self.seed
+        )
+        logger.info("probe: head fitted on frozen features, L2 strength %g", strength)
+        return strength
 
     def cache_features(self, loader: BatchLoader) -> BatchLoader | FeatureLoader:
         """On a frozen encoder (e.g. `HeadOnly`), run it once per example and train on its features.

@@ -1,0 +1,111 @@
+"""Linear probing before fine-tuning (`FineTuner(probe=True)`): the head starts from the
+regularised fit on frozen features, for every objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import sentiment_texts
+from torch import nn
+
+from llmtune import Callback, DatasetAdapter, FineTuner, Objective
+from llmtune._probe import STRENGTHS, fit_head
+from llmtune.tuning import FeatureLoader
+
+
+def separable(n=240, features=8, classes=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    truth = torch.randn(classes, features, generator=generator)
+    return x, (x @ truth.T).argmax(1)
+
+
+def test_the_probe_separates_separable_classes():
+    x, y = separable()
+    head = nn.Linear(8, 3)
+    strength = fit_head(head, Objective.cross_entropy(), x[:160], y[:160])
+    assert strength in STRENGTHS
+    with torch.no_grad():
+        accuracy = (head(x[160:]).argmax(1) == y[160:]).float().mean().item()
+    assert accuracy >= 0.9
+
+
+def test_more_noise_chooses_a_stronger_penalty():
+    x, y = separable(n=60)
+    clean = fit_head(nn.Linear(8, 3), Objective.cross_entropy(), x, y)
+    noisy = y.clone()
+    noisy[torch.randperm(60, generator=torch.Generator().manual_seed(1))[:30]] = torch.randint(0, 3, (30,))
+    assert fit_head(nn.Linear(8, 3), Objective.cross_entropy(), x, noisy) >= clean
+
+
+@pytest.mark.parametrize("objective", ["bce", "mse"])
+def test_the_probe_lowers_the_loss_of_every_objective(objective):
+    x, y = separable()
+    if objective == "bce":
+        loss, targets, outputs = Objective.bce(), nn.functional.one_hot(y, 3).float(), 3
+    else:
+        loss, targets, outputs = Objective.mse(), (x[:, :1] * 2 + 1), 1
+    head = nn.Linear(8, outputs)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    before = loss(head(x), targets).item()
+    fit_head(head, loss, x, targets)
+    assert loss(head(x), targets).item() < 0.5 * before
+
+
+def test_fit_starts_from_the_probe_head(make_model):
+    texts, labels = sentiment_texts(64)
+    data = DatasetAdapter.from_lists(texts, labels)
+    started = {}
+
+    class Record(Callback):
+        def on_fit_start(self, tuner, state, **kwargs):
+            started["head"] = tuner.model.head.weight.detach().clone()
+
+    torch.manual_seed(0)
+    tuner = FineTuner(
+        make_model(), probe=True, epochs=1, precision="fp32", progress=False, callbacks=[Record()]
+    )
+    tuner.fit(data)
+
+    torch.manual_seed(0)
+    reference = make_model()  # the same encoder and head before training
+    loader = data.loader(reference.tokenizer, batch_size=32, max_length=reference.max_length)
+    features = FeatureLoader.build(reference, loader, torch.device("cpu"))
+    fit_head(reference.head, Objective.cross_entropy(), features.features, torch.from_numpy(features.labels))
+    torch.testing.assert_close(started["head"], reference.head.weight, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    assert not np.allclose(started["head"].numpy(), make_model().head.weight.detach().numpy())
+
+
+def test_a_small_default_run_probes_and_can_keep_the_probed_head(make_model, caplog):
+    texts, labels = sentiment_texts(48)
+    train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.5, seed=0)
+    torch.manual_seed(0)
+    tuner = FineTuner(make_model(), min_steps=4, precision="fp32", progress=False)
+    with caplog.at_level("INFO", logger="llmtune"):
+        tuner.fit(train, val)
+    assert tuner.probe_metrics is not None and "epoch 0 (the probed head)" in caplog.text
+    keep = next(c for c in tuner.callbacks if type(c).__name__ == "KeepBest")
+    assert keep.best_epoch >= -1
+
+    explicit = FineTuner(make_model(), epochs=1, progress=False)  # an explicit epochs: no probe
+    explicit.fit(train, val)
+    assert explicit.probe_metrics is None
+
+
+def test_keep_best_restores_the_probed_head_when_training_only_hurts(make_model):
+    texts, labels = sentiment_texts(64)
+    train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.5, seed=0)
+    torch.manual_seed(0)
+    model = make_model()
+    # A learning rate that wrecks the model: every epoch scores worse than the probe.
+    from llmtune import OptimizerFactory
+
+    tuner = FineTuner(
+        model, optimizer=OptimizerFactory.sgd(lr=50.0), probe=True, epochs=2, precision="fp32", progress=False
+    )
+    tuner.fit(train, val)
+    keep = next(c for c in tuner.callbacks if type(c).__name__ == "KeepBest")
+    assert keep.best_epoch == -1
+    assert tuner.evaluate(val)["loss"] == pytest.approx(tuner.probe_metrics["loss"], rel=1e-5)
