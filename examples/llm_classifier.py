@@ -66,8 +66,8 @@ def train(model, train, val, test, lr: float, epochs: int, batch_size: int, seed
 def tfidf(train, test) -> dict[str, float]:
     """Word 1-2-gram TF-IDF + logistic regression: test accuracy and macro-F1."""
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.metrics import f1_score
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
     from sklearn.pipeline import make_pipeline
 
     pipe = make_pipeline(
