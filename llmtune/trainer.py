@@ -231,7 +231,13 @@ class FineTuner:
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
         total_steps = self.max_steps or (self.epochs or DEFAULT_EPOCHS) * steps_per_epoch
         small = self.max_steps is None and self.epochs is None and total_steps < self.min_steps
-        probed = resume_from is None and (self.probe or (self.probe is None and small))
+        probeable = isinstance(getattr(model, "head", None), torch.nn.Linear) and hasattr(model, "encode")
+        if self.probe and not probeable:
+            raise ConfigError(
+                f"probe=True needs a model with a linear `head` and an `encode` method (as "
+                f"ClassifierModel has); {type(model).__name__} has not."
+            )
+        probed = resume_from is None and probeable and (self.probe or (self.probe is None and small))
         if probed:
             self.probe_head(loader)
         if small:

@@ -109,3 +109,27 @@ def test_keep_best_restores_the_probed_head_when_training_only_hurts(make_model)
     keep = next(c for c in tuner.callbacks if type(c).__name__ == "KeepBest")
     assert keep.best_epoch == -1
     assert tuner.evaluate(val)["loss"] == pytest.approx(tuner.probe_metrics["loss"], rel=1e-5)
+
+
+class Bag(nn.Module):
+    """A model of its own: FineTuner needs only forward, tokenizer, labels, task, max_length."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.tokenizer, self.labels = tokenizer, ["neg", "pos"]
+        self.task, self.max_length = "classification", 32
+        self.embed = nn.EmbeddingBag(len(tokenizer), 2, mode="sum")
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, **_):
+        return self.embed(input_ids, per_sample_weights=attention_mask.float())
+
+
+def test_a_model_without_head_trains_by_default_and_refuses_an_explicit_probe(tokenizer):
+    from llmtune import ConfigError
+
+    data = DatasetAdapter.from_lists(*sentiment_texts(40))
+    tuner = FineTuner(Bag(tokenizer), progress=False, keep_best=False)
+    tuner.fit(data)  # a small default run: probing is skipped, not failed
+    assert tuner.state.step == 100 and tuner.probe_metrics is None
+    with pytest.raises(ConfigError, match="probe=True needs a model with a linear `head`"):
+        FineTuner(Bag(tokenizer), probe=True, progress=False).fit(data)
