@@ -75,14 +75,18 @@ def encoder_path(name: str | None) -> str:
     return default_model() if name == "minilm" else name
 
 
-def tfidf_baseline(train: DatasetAdapter, val: DatasetAdapter, test: DatasetAdapter) -> float:
-    """Test accuracy of TF-IDF over character 1-3-grams + logistic regression, C chosen on validation."""
+def tfidf_baseline(
+    train: DatasetAdapter, val: DatasetAdapter, test: DatasetAdapter, prefix: str = ""
+) -> float:
+    """Test accuracy of TF-IDF over character 1-3-grams + logistic regression, C chosen on validation.
+
+    On the texts without `prefix` (the model's input convention, not the data)."""
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    x, xv, xt = (list(d.dataset["text"]) for d in (train, val, test))
+    x, xv, xt = ([t[len(prefix) :] for t in d.dataset["text"]] for d in (train, val, test))
     y, yv, yt = (np.asarray(d.dataset["label"]) for d in (train, val, test))
     pipes = [
         make_pipeline(
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train, val = rest.split(validation=0.1, seed=args.seed)
     print(f"{len(train)} train / {len(val)} validation / {len(test)} test reviews, labels {data.labels}")
 
-    baseline_tfidf = tfidf_baseline(train, val, test)
+    baseline_tfidf = tfidf_baseline(train, val, test, args.prefix)
     print(f"TF-IDF character 1-3-grams + logistic regression: test accuracy {baseline_tfidf:.3f}")
     name = encoder_path(args.model)
     extra = {"num_hidden_layers": 2} if args.quick else {}
