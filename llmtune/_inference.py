@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+# The decision rule lives in the torch-free ONNX loader, so an export decides as the model does.
+from llmtune_onnx import decide
+
 from . import _calibration, _runtime
 from ._batching import Tokenized
 from ._tokens import aggregate, encode, padding
@@ -148,17 +151,7 @@ class Inference:
 
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[Any]:
         """Labels from probabilities by the model's decision rule (see `predict`)."""
-        labels = self.labels
-        if self.task == "multilabel":
-            cut: Any = 0.5
-            if threshold is not None:
-                cut = threshold
-            elif self.thresholds is not None:
-                cut = np.asarray(self.thresholds)
-            return [[labels[j] for j in np.flatnonzero(row >= cut)] for row in probs]
-        if self.threshold is not None and probs.shape[1] == 2:
-            return [labels[int(p >= self.threshold)] for p in probs[:, 1]]
-        return [labels[i] for i in probs.argmax(-1)]
+        return decide(probs, self.task, self.labels, self.thresholds, self.threshold, threshold)
 
     def calibrate(
         self,

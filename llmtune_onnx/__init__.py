@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load", "OnnxClassifier"]
+__all__ = ["load", "OnnxClassifier", "decide"]
 
 MODEL_FILE = "model.onnx"
 QUANTIZED_FILE = "model.int8.onnx"
@@ -34,6 +34,30 @@ def _texts(texts: Sequence[str], name: str) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"{name}[{i}] is {text!r} ({type(text).__name__}), not a string.")
     return texts
+
+
+def decide(
+    probs: np.ndarray,
+    task: str,
+    labels: Sequence[Any],
+    thresholds: Sequence[float] | None = None,
+    threshold: float | None = None,
+    override: float | None = None,
+) -> list[Any]:
+    """Labels from probabilities: `ClassifierModel.predict`'s rule, shared with it so both decide alike.
+
+    Multi-label: a label is on where its probability reaches `override`, else its tuned
+    threshold (`thresholds`), else 0.5. Classification: with a tuned `threshold` a binary
+    model picks its second label at or above it; otherwise the argmax.
+    """
+    if task == "multilabel":
+        cut: Any = (
+            override if override is not None else np.asarray(thresholds if thresholds is not None else 0.5)
+        )
+        return [[labels[j] for j in np.flatnonzero(row >= cut)] for row in probs]
+    if threshold is not None and probs.shape[1] == 2:
+        return [labels[int(p >= threshold)] for p in probs[:, 1]]
+    return [labels[i] for i in probs.argmax(-1)]
 
 
 class OnnxClassifier:
@@ -144,12 +168,7 @@ class OnnxClassifier:
         if self.task == "regression":
             return out[:, 0].tolist() if out.shape[1] == 1 else out.tolist()
         assert self.labels is not None
-        if self.task == "multilabel":
-            cut = threshold if threshold is not None else np.asarray(self.thresholds or 0.5)
-            return [[self.labels[j] for j in np.flatnonzero(row >= cut)] for row in out]
-        if self.threshold is not None and out.shape[1] == 2:
-            return [self.labels[int(p >= self.threshold)] for p in out[:, 1]]
-        return [self.labels[i] for i in out.argmax(-1)]
+        return decide(out, self.task, self.labels, self.thresholds, self.threshold, threshold)
 
 
 def load(directory: str | os.PathLike, **options: Any) -> OnnxClassifier:
