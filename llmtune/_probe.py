@@ -4,17 +4,27 @@ A new head is random, so the first steps of fine-tuning push the encoder's featu
 to fit noise. Fitting the head first on the features the pretrained encoder already gives
 (a linear probe, then fine-tuning: LP-FT, Kumar et al. 2022) starts training from a head
 that already separates the classes. The probe minimises the task's own loss plus an L2
-penalty by L-BFGS; the penalty's strength is chosen by k-fold cross-validation on the
-training features, so the validation data stay untouched for model selection.
+penalty by L-BFGS; the penalty's strength is the one with the lowest held-out loss, pooled
+over k-fold cross-validation on the training features and, when given, the validation
+features. On 24 examples the folds alone pick poorly (10 draws of 8 tweets a class: 54.9%
+test accuracy with the folds, 55.6% with validation added, 56.7% for the best strength in
+hindsight); the head itself is fitted on training data only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .tuning import FeatureLoader
+
+if TYPE_CHECKING:
+    from .data import DatasetAdapter
+    from .trainer import FineTuner
 
 STRENGTHS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
@@ -48,11 +58,13 @@ def fit_head(
     strengths: Sequence[float] = STRENGTHS,
     folds: int = 3,
     seed: int = 0,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """Set `head` to the L2-regularised fit of `loss_fn` on (features, targets); returns the strength.
 
-    The strength is the one with the lowest mean held-out loss over `folds` folds (fewer
-    when there are fewer examples); the final fit uses every example.
+    The strength is the one with the lowest held-out loss summed over `folds` folds (fewer
+    when there are fewer examples) and the `validation` (features, targets), if given; the
+    final fit uses every training example.
     """
     x = features.detach().float()
     y = targets.to(x.device)
@@ -69,10 +81,49 @@ def fit_head(
                 weight, bias = _fit(loss_fn, x[rest], y[rest], head.out_features, strength)
                 with torch.no_grad():
                     held_out += loss_fn(F.linear(x[part], weight, bias), y[part]).item() * len(part)
-            scores.append(held_out / n)
-        best = strengths[min(range(len(strengths)), key=scores.__getitem__)]
-        weight, bias = _fit(loss_fn, x, y, head.out_features, best)
+            scores.append(held_out)
+        fits = [_fit(loss_fn, x, y, head.out_features, strength) for strength in strengths]
+        if validation is not None:
+            xv, yv = validation[0].detach().float().to(x.device), validation[1].to(x.device)
+            with torch.no_grad():
+                for i, (weight, bias) in enumerate(fits):
+                    scores[i] += loss_fn(F.linear(xv, weight, bias), yv).item() * len(xv)
+        best = min(range(len(strengths)), key=scores.__getitem__)
+        weight, bias = fits[best]
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
         head.bias.copy_(bias.to(head.bias))
-    return best
+    return strengths[best]
+
+
+def probeable(model: nn.Module) -> bool:
+    """Whether `model` has what the probe needs: a linear `head` over the output of `encode`."""
+    return isinstance(getattr(model, "head", None), nn.Linear) and hasattr(model, "encode")
+
+
+def probe(tuner: FineTuner, loader: Any, validation: DatasetAdapter | None = None) -> float:
+    """Fit `tuner.model.head` on the frozen features of `loader`'s examples; returns the strength.
+
+    `loader` is the run's training loader (its cached features when it is a FeatureLoader);
+    the `validation` examples are encoded too and take part in choosing the strength.
+    """
+    model = tuner.model
+
+    def features(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(loader, FeatureLoader):
+            loader = FeatureLoader.build(
+                model, loader, tuner.device, tuner.dtype, tuner.eval_batch_size, dist=tuner.dist
+            )
+        return loader.features, torch.from_numpy(loader.labels)
+
+    held_out = None
+    if validation is not None:
+        held_out = features(
+            validation.loader(
+                model.tokenizer,
+                batch_size=tuner.eval_batch_size,
+                max_length=model.max_length,
+                stride=getattr(model, "stride", None),
+            )
+        )
+    return fit_head(model.head, tuner.objective, *features(loader), seed=tuner.seed, validation=held_out)

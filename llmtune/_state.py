@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["History", "TrainState"]
+__all__ = ["History", "TrainState", "plan_steps"]
+
+logger = logging.getLogger("llmtune")
+
+DEFAULT_EPOCHS = 3
+
+
+def plan_steps(
+    steps_per_epoch: int, epochs: int | None, max_steps: int | None, min_steps: int
+) -> tuple[int, bool]:
+    """(total optimizer steps, whether `min_steps` lengthened a default-length run).
+
+    `max_steps` wins; else `epochs` passes; else 3 passes or `min_steps`, whichever is more.
+    """
+    total = max_steps or (epochs or DEFAULT_EPOCHS) * steps_per_epoch
+    if max_steps is not None or epochs is not None or total >= min_steps:
+        return total, False
+    raised = math.ceil(min_steps / steps_per_epoch)
+    logger.info(
+        "%d epochs of %d steps are fewer than min_steps=%d: training %d epochs (epochs= sets them)",
+        DEFAULT_EPOCHS,
+        steps_per_epoch,
+        min_steps,
+        raised,
+    )
+    return raised * steps_per_epoch, True
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 from . import _card, _cpu_fast, _guard, _probe, _resume, _runtime, distributed
 from ._batching import BatchLoader, Tokenized
-from ._state import History, TrainState
+from ._state import History, TrainState, plan_steps
 from ._tokens import aggregate
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar, notify_on_exception
 from .data import DatasetAdapter
@@ -44,9 +44,6 @@ def _windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
             window = []
     if window:
         yield window
-
-
-DEFAULT_EPOCHS = 3
 
 
 class FineTuner:
@@ -83,7 +80,8 @@ class FineTuner:
             the speed; see benchmarks/README.md). The masks come from a different random
             stream than torch's dropout; False uses torch's own kernels.
         probe: fit the head alone first, on the frozen encoder's features of the training data
-            (L2-regularised, its strength by cross-validation: `llmtune._probe`), so training
+            (L2-regularised, its strength by held-out loss on training folds and validation
+            data: `llmtune._probe`), so training
             starts from a head that already fits (LP-FT). With validation data the probed
             model is also scored before the first epoch, and best-weights restore can keep
             it: on 8 examples a class the probe alone beats fine-tuning. None (default): only
@@ -229,9 +227,8 @@ class FineTuner:
         )
         loader = self.cache_features(loader)
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
-        total_steps = self.max_steps or (self.epochs or DEFAULT_EPOCHS) * steps_per_epoch
-        small = self.max_steps is None and self.epochs is None and total_steps < self.min_steps
-        probeable = isinstance(getattr(model, "head", None), torch.nn.Linear) and hasattr(model, "encode")
+        total_steps, small = plan_steps(steps_per_epoch, self.epochs, self.max_steps, self.min_steps)
+        probeable = _probe.probeable(model)
         if self.probe and not probeable:
             raise ConfigError(
                 f"probe=True needs a model with a linear `head` and an `encode` method (as "
@@ -239,17 +236,7 @@ class FineTuner:
             )
         probed = resume_from is None and probeable and (self.probe or (self.probe is None and small))
         if probed:
-            self.probe_head(loader)
-        if small:
-            raised = math.ceil(self.min_steps / steps_per_epoch)
-            logger.info(
-                "%d epochs of %d steps are fewer than min_steps=%d: training %d epochs (epochs= sets them)",
-                DEFAULT_EPOCHS,
-                steps_per_epoch,
-                self.min_steps,
-                raised,
-            )
-            total_steps = raised * steps_per_epoch
+            self.probe_head(loader, validation)
         epochs = math.ceil(total_steps / steps_per_epoch)
         optimizer, scheduler = self.optimizer.build(model, total_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -401,15 +388,14 @@ class FineTuner:
         self.state.skipped += 1
         return False
 
-    def probe_head(self, loader: BatchLoader | FeatureLoader) -> float:
-        """Fit the head alone on the encoder's features of the training batches (see `probe`)."""
-        if not isinstance(loader, FeatureLoader):
-            loader = FeatureLoader.build(
-                self.model, loader, self.device, self.dtype, self.eval_batch_size, dist=self.dist
-            )
-        strength = _probe.fit_head(
-            self.model.head, self.objective, loader.features, torch.from_numpy(loader.labels), seed=self.seed
-        )
+    def probe_head(
+        self, loader: BatchLoader | FeatureLoader, validation: DatasetAdapter | None = None
+    ) -> float:
+        """Fit the head alone on the encoder's features of the training batches (see `probe`).
+
+        The validation data, if given, help choose the L2 strength (`llmtune._probe`).
+        """
+        strength = _probe.probe(self, loader, validation)
         logger.info("probe: head fitted on frozen features, L2 strength %g", strength)
         return strength
 

@@ -39,6 +39,21 @@ def test_more_noise_chooses_a_stronger_penalty():
     assert fit_head(nn.Linear(8, 3), Objective.cross_entropy(), x, noisy) >= clean
 
 
+def test_validation_data_take_part_in_choosing_the_penalty():
+    x, y = separable(n=60)
+    loss = Objective.cross_entropy()
+    alone = fit_head(nn.Linear(8, 3), loss, x, y)
+    # Validation rows the training data get wrong: the more confident the fit, the worse.
+    xv, yv = separable(n=200, seed=5)
+    shuffled = yv[torch.randperm(200, generator=torch.Generator().manual_seed(2))]
+    assert fit_head(nn.Linear(8, 3), loss, x, y, validation=(xv, shuffled)) > alone
+    # ... and the head is still fitted to the training rows only: same strength, same head.
+    a, b = nn.Linear(8, 3), nn.Linear(8, 3)
+    fit_head(a, loss, x, y, strengths=(0.01,), validation=(xv, shuffled))
+    fit_head(b, loss, x, y, strengths=(0.01,))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
 @pytest.mark.parametrize("objective", ["bce", "mse"])
 def test_the_probe_lowers_the_loss_of_every_objective(objective):
     x, y = separable()
@@ -78,14 +93,21 @@ def test_fit_starts_from_the_probe_head(make_model):
     assert not np.allclose(started["head"].numpy(), make_model().head.weight.detach().numpy())
 
 
-def test_a_small_default_run_probes_and_can_keep_the_probed_head(make_model, caplog):
+def test_a_small_default_run_probes_and_can_keep_the_probed_head(make_model, caplog, monkeypatch):
+    from llmtune import _probe
+
     texts, labels = sentiment_texts(48)
     train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.5, seed=0)
+    seen = []
+    fit = _probe.fit_head
+    monkeypatch.setattr(_probe, "fit_head", lambda *a, **k: seen.append(k) or fit(*a, **k))
     torch.manual_seed(0)
     tuner = FineTuner(make_model(), min_steps=4, precision="fp32", progress=False)
     with caplog.at_level("INFO", logger="llmtune"):
         tuner.fit(train, val)
     assert tuner.probe_metrics is not None and "epoch 0 (the probed head)" in caplog.text
+    features, targets = seen[0]["validation"]  # the validation rows help choose the penalty
+    assert len(features) == len(targets) == len(val)
     keep = next(c for c in tuner.callbacks if type(c).__name__ == "KeepBest")
     assert keep.best_epoch >= -1
 
