@@ -198,6 +198,17 @@ RUNNERS = {
 APPLIES = {"setfit": lambda task, size: task == "classification" and size in ("8", "64")}
 
 
+def encoder_path(choice: str) -> tuple[str, str]:
+    """(directory, name in the table) of an --encoder choice."""
+    if choice == "minilm":
+        return default_model(), "all-MiniLM-L6-v2"
+    if choice == "e5":
+        from llmtune import offline
+
+        return offline.model_path("multilingual-e5-small"), "multilingual-e5-small"
+    return choice, Path(choice).name
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -207,7 +218,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:5]), choices=list(CONTENDERS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--encoder", default=None, help="encoder directory (default: all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--encoder",
+        default="minilm",
+        help='"minilm" (all-MiniLM-L6-v2), "e5" (multilingual-e5-small) or a directory',
+    )
     parser.add_argument("--full-cap", type=int, default=8000, help="at most this many in the 'full' size")
     parser.add_argument("--resume", action="store_true", help="skip rows already in the results JSON")
     parser.add_argument("--quick", action="store_true", help="2-layer encoder, sizes 8 and 64, one seed")
@@ -215,8 +230,7 @@ def main(argv: list[str] | None = None) -> Path:
     extra: dict[str, Any] = {}
     if args.quick:
         args.data, args.sizes, args.seeds, extra = ["tweets"], ["8"], 1, {"num_hidden_layers": 2}
-    encoder = args.encoder or default_model()
-    name = Path(encoder).name
+    encoder, name = encoder_path(args.encoder)
     out = ROOT / ("runs/quality-quick" if args.quick else "benchmarks/results/quality")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = (
