@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--out", default="runs/chinese_sentiment", help="where the fine-tuned model is saved")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--probe", action=argparse.BooleanOptionalAction, default=False, help="fit the head first (LP-FT)"
+    )
     parser.add_argument("--prefix", default="", help='put this before every text, e.g. "query: " for e5')
     parser.add_argument(
         "--quick", action="store_true", help="tiny smoke run: 2-layer encoder, 300 reviews, 1 epoch"
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
+        probe=args.probe,
     )
     start = time.perf_counter()
     tuner.fit(train, val)

@@ -155,3 +155,20 @@ def test_a_model_without_head_trains_by_default_and_refuses_an_explicit_probe(to
     assert tuner.state.step == 100 and tuner.probe_metrics is None
     with pytest.raises(ConfigError, match="probe=True needs a model with a linear `head`"):
         FineTuner(Bag(tokenizer), probe=True, progress=False).fit(data)
+
+
+def test_a_windowed_model_probes_on_every_window_of_train_and_validation(make_model, monkeypatch):
+    from llmtune import _probe
+
+    texts, labels = sentiment_texts(32)
+    long = [" ".join([text] * 6) for text in texts]  # several windows each at max_length 16
+    train, val = DatasetAdapter.from_lists(long, labels).split(validation=0.5, seed=0)
+    seen = []
+    fit = _probe.fit_head
+    monkeypatch.setattr(_probe, "fit_head", lambda *a, **k: seen.append((a, k)) or fit(*a, **k))
+    model = make_model(max_length=16, stride=4)
+    FineTuner(model, probe=True, epochs=1, precision="fp32", progress=False).fit(train, val)
+    (_, _, features, targets), options = seen[0]
+    windows = lambda data: len(data.tokenize(model.tokenizer, 16, 4))  # noqa: E731
+    assert len(features) == len(targets) == windows(train) > len(train)
+    assert len(options["validation"][0]) == windows(val) > len(val)
