@@ -329,6 +329,14 @@ def plot(groups: dict[tuple, list[dict]], path: Path) -> None:
             if points:
                 x, y = zip(*sorted(points))
                 ax.plot(x, y, marker="o", label=contender)
+        floor = [
+            r["mse"]
+            for (d, e, _, c), rs in groups.items()
+            for r in rs
+            if (d, e, c) == (data, encoder, "mean")
+        ]
+        if floor:  # regression: a contender far below the mean predictor would flatten the rest
+            ax.set_ylim(bottom=-1.5 * max(floor))
         ax.set_xscale("log")
         ax.set_title(f"{data} ({encoder})")
         ax.set_xlabel("training examples")
