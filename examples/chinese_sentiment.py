@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--max-length", type=int, default=128, help="26%% of the reviews are longer than 64 tokens"
     )
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay, e.g. 0.9")
     parser.add_argument("--out", default="runs/chinese_sentiment", help="where the fine-tuned model is saved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tuner = FineTuner(
         model,
         objective=Objective.cross_entropy(),
-        optimizer=OptimizerFactory.adamw(lr=args.lr, warmup=0.1),
+        optimizer=OptimizerFactory.adamw(lr=args.lr, warmup=0.1, layer_decay=args.layer_decay),
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
