@@ -82,14 +82,16 @@ def fit_head(
                 with torch.no_grad():
                     held_out += loss_fn(F.linear(x[part], weight, bias), y[part]).item() * len(part)
             scores.append(held_out)
-        fits = [_fit(loss_fn, x, y, head.out_features, strength) for strength in strengths]
+        # Only the validation score needs every strength's final fit; else fit the best one.
+        fits = {}
         if validation is not None:
             xv, yv = validation[0].detach().float().to(x.device), validation[1].to(x.device)
-            with torch.no_grad():
-                for i, (weight, bias) in enumerate(fits):
+            for i, strength in enumerate(strengths):
+                fits[i] = weight, bias = _fit(loss_fn, x, y, head.out_features, strength)
+                with torch.no_grad():
                     scores[i] += loss_fn(F.linear(xv, weight, bias), yv).item() * len(xv)
         best = min(range(len(strengths)), key=scores.__getitem__)
-        weight, bias = fits[best]
+        weight, bias = fits[best] if fits else _fit(loss_fn, x, y, head.out_features, strengths[best])
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight))
         head.bias.copy_(bias.to(head.bias))
