@@ -38,9 +38,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from chinese_sentiment import load_reviews  # noqa: E402
+from chinese_sentiment import encoder_path, load_reviews  # noqa: E402
 from regression import load_confidence  # noqa: E402
-from sentiment import default_model, load_tweets  # noqa: E402
+from sentiment import load_tweets  # noqa: E402
 
 from llmtune import ClassifierModel, DatasetAdapter, FineTuner, HeadOnly  # noqa: E402
 
@@ -207,15 +207,10 @@ APPLIES = {
 }
 
 
-def encoder_path(choice: str) -> tuple[str, str]:
-    """(directory, name in the table) of an --encoder choice."""
-    if choice == "minilm":
-        return default_model(), "all-MiniLM-L6-v2"
-    if choice == "e5":
-        from llmtune import offline
-
-        return offline.model_path("multilingual-e5-small"), "multilingual-e5-small"
-    return choice, Path(choice).name
+def encoder_choice(choice: str) -> tuple[str, str]:
+    """(directory, name in the table) of an --encoder choice: the Chinese example's choices."""
+    names = {"minilm": "all-MiniLM-L6-v2", "e5": "multilingual-e5-small"}
+    return encoder_path(choice), names.get(choice, Path(choice).name)
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> Path:
     extra: dict[str, Any] = {}
     if args.quick:
         args.data, args.sizes, args.seeds, extra = ["tweets"], ["8"], 1, {"num_hidden_layers": 2}
-    encoder, name = encoder_path(args.encoder)
+    encoder, name = encoder_choice(args.encoder)
     out = ROOT / ("runs/quality-quick" if args.quick else "benchmarks/results/quality")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = (
