@@ -93,20 +93,25 @@ def test_fit_starts_from_the_probe_head(make_model):
     assert not np.allclose(started["head"].numpy(), make_model().head.weight.detach().numpy())
 
 
-def test_a_small_default_run_probes_and_can_keep_the_probed_head(make_model, caplog, monkeypatch):
+@pytest.fixture
+def fit_head_calls(monkeypatch):
+    """Every call of `_probe.fit_head` during the test, as (args, kwargs)."""
     from llmtune import _probe
 
+    calls, fit = [], _probe.fit_head
+    monkeypatch.setattr(_probe, "fit_head", lambda *a, **k: calls.append((a, k)) or fit(*a, **k))
+    return calls
+
+
+def test_a_small_default_run_probes_and_can_keep_the_probed_head(make_model, caplog, fit_head_calls):
     texts, labels = sentiment_texts(48)
     train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.5, seed=0)
-    seen = []
-    fit = _probe.fit_head
-    monkeypatch.setattr(_probe, "fit_head", lambda *a, **k: seen.append(k) or fit(*a, **k))
     torch.manual_seed(0)
     tuner = FineTuner(make_model(), min_steps=4, precision="fp32", progress=False)
     with caplog.at_level("INFO", logger="llmtune"):
         tuner.fit(train, val)
     assert tuner.probe_metrics is not None and "epoch 0 (the probed head)" in caplog.text
-    features, targets = seen[0]["validation"]  # the validation rows help choose the penalty
+    features, targets = fit_head_calls[0][1]["validation"]  # the validation rows help choose the penalty
     assert len(features) == len(targets) == len(val)
     keep = next(c for c in tuner.callbacks if type(c).__name__ == "KeepBest")
     assert keep.best_epoch >= -1
@@ -157,18 +162,13 @@ def test_a_model_without_head_trains_by_default_and_refuses_an_explicit_probe(to
         FineTuner(Bag(tokenizer), probe=True, progress=False).fit(data)
 
 
-def test_a_windowed_model_probes_on_every_window_of_train_and_validation(make_model, monkeypatch):
-    from llmtune import _probe
-
+def test_a_windowed_model_probes_on_every_window_of_train_and_validation(make_model, fit_head_calls):
     texts, labels = sentiment_texts(32)
     long = [" ".join([text] * 6) for text in texts]  # several windows each at max_length 16
     train, val = DatasetAdapter.from_lists(long, labels).split(validation=0.5, seed=0)
-    seen = []
-    fit = _probe.fit_head
-    monkeypatch.setattr(_probe, "fit_head", lambda *a, **k: seen.append((a, k)) or fit(*a, **k))
     model = make_model(max_length=16, stride=4)
     FineTuner(model, probe=True, epochs=1, precision="fp32", progress=False).fit(train, val)
-    (_, _, features, targets), options = seen[0]
+    (_, _, features, targets), options = fit_head_calls[0]
     windows = lambda data: len(data.tokenize(model.tokenizer, 16, 4))  # noqa: E731
     assert len(features) == len(targets) == windows(train) > len(train)
     assert len(options["validation"][0]) == windows(val) > len(val)
