@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--nan-at", default=None, help="RANK:CALL: that rank's CALL-th forward gives NaN")
     parser.add_argument("--nonfinite", default="raise")
+    parser.add_argument("--probe", action="store_true", help="fit the head on frozen features first")
     args = parser.parse_args()
 
     if args.init_group:
@@ -79,6 +80,7 @@ def main() -> None:
         grad_accum=args.grad_accum,
         precision=args.precision,
         nonfinite=args.nonfinite,
+        probe=args.probe or None,
         progress=True,  # the bar lives on rank 0 only; this runs that path on every rank
         keep_best=False,
         callbacks=[Checkpoint(out / "ckpt", every_n_steps=3, keep_last=None)],
@@ -93,7 +95,8 @@ def main() -> None:
     if tuner.is_main:
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, out / "weights.safetensors")
-        (out / "result.json").write_text(json.dumps({"metrics": metrics, "history": history.records}))
+        result = {"metrics": metrics, "history": history.records, "probe": tuner.probe_metrics}
+        (out / "result.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

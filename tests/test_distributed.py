@@ -56,6 +56,17 @@ def test_ddp_equals_one_process_with_twice_the_batch(no_dropout_dir, tmp_path):
     assert not (tmp_path / "ddp" / "weights.safetensors.rank1").exists()  # rank 0 alone writes
 
 
+def test_the_probe_under_ddp_equals_one_process(no_dropout_dir, tmp_path):
+    # Each rank encodes its share of the training and validation rows and the ranks exchange
+    # them, so every rank fits the same head as one process does from all rows.
+    probe = ("--probe", "--epochs", "1")
+    ddp = run(no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", *probe, procs=2)
+    single = run(no_dropout_dir, tmp_path / "single", "--batch-size", "8", *probe)
+    assert ddp["probe"] is not None and single["probe"] is not None  # both probed ("epoch 0")
+    assert ddp["probe"]["loss"] == pytest.approx(single["probe"]["loss"], abs=1e-5)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
+
+
 def test_checkpoints_cross_between_ddp_and_one_process(no_dropout_dir, tmp_path):
     # Both runs save every 3 steps; each resumes from the other's step 3 and must end where an
     # unbroken run ends (the DDP run itself equals the single-process one).
