@@ -58,13 +58,16 @@ def test_ddp_equals_one_process_with_twice_the_batch(no_dropout_dir, tmp_path):
 
 def test_the_probe_under_ddp_equals_one_process(no_dropout_dir, tmp_path):
     # Each rank encodes its share of the training and validation rows and the ranks exchange
-    # them, so every rank fits the same head as one process does from all rows.
+    # them, so every rank fits the same head as one process does from all rows. Compared by
+    # what the head does, not its weights: L-BFGS under a weak penalty ends anywhere along
+    # nearly flat directions (weights measured 1e-3 apart at validation losses 1e-5 apart; the
+    # binned calibration error moved by 1e-5 on some tiny models).
     probe = ("--probe", "--epochs", "1")
     ddp = run(no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", *probe, procs=2)
     single = run(no_dropout_dir, tmp_path / "single", "--batch-size", "8", *probe)
     assert ddp["probe"] is not None and single["probe"] is not None  # both probed ("epoch 0")
-    assert ddp["probe"]["loss"] == pytest.approx(single["probe"]["loss"], abs=1e-5)
-    assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
+    for key in ("loss", "accuracy", "f1"):
+        assert ddp["probe"][key] == pytest.approx(single["probe"][key], abs=1e-5), key
 
 
 def test_checkpoints_cross_between_ddp_and_one_process(no_dropout_dir, tmp_path):
