@@ -100,4 +100,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Whoever starts a group closes it; gloo aborts at exit now and then otherwise (CI
+        # saw "terminate called without an active exception" after a finished run).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
