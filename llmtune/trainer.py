@@ -257,10 +257,11 @@ class FineTuner:
             resumed.restore_callbacks_and_rng(self)
         self.probe_metrics = None
         if probed and validation is not None:  # the probed model is a candidate too ("epoch 0")
-            state.epoch, state.metrics = -1, self.evaluate(validation)
+            state.epoch = -1
+            state.metrics, outputs = self._evaluate(validation)
             self.probe_metrics = state.metrics
             logger.info("epoch 0 (the probed head): %s", state.metrics)
-            self.emit("on_evaluate", state, metrics=state.metrics)
+            self.emit("on_evaluate", state, metrics=state.metrics, outputs=outputs)
             state.epoch = 0
         net = self.dist.wrap(model, self.device)
         # Same maths, cheaper CPU kernels (see _cpu_fast); the sparse embedding gradient is
@@ -288,9 +289,9 @@ class FineTuner:
                 if self.nonfinite == "skip" or scaler.is_enabled():
                     record["skipped_steps"] = state.epoch_skipped
                 if validation is not None:
-                    state.metrics = self.evaluate(validation)
+                    state.metrics, outputs = self._evaluate(validation)
                     record.update({f"val_{k}": v for k, v in state.metrics.items()})
-                    self.emit("on_evaluate", state, metrics=state.metrics)
+                    self.emit("on_evaluate", state, metrics=state.metrics, outputs=outputs)
                 state.history.records.append(record)
                 logger.info("epoch %d: %s", epoch + 1, record)
                 self.emit("on_epoch_end", state)
@@ -438,12 +439,21 @@ class FineTuner:
         At the model's calibrated temperature (1.0 until `ClassifierModel.calibrate`), which
         moves the loss and the calibration error ("ece"), not any argmax.
         """
+        return self._evaluate(data)[0]
+
+    def _evaluate(self, data: DatasetAdapter) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+        """`evaluate`'s metrics and the (logits, targets) they come from, one row per text."""
         if not data.has_labels:
             raise DataError(f"evaluation data ({data.source}) has no label column.")
         logits = self.predict(data) / getattr(self.model, "temperature", 1.0)
         targets = self._tokens(data).text_labels
-        loss = self.objective(torch.from_numpy(logits), torch.from_numpy(targets))
-        return {
-            "loss": float(loss),
-            **{name: float(fn(logits, targets)) for name, fn in self.metrics.items()},
-        }
+        return {name: self.score(name, logits, targets) for name in ("loss", *self.metrics)}, (
+            logits,
+            targets,
+        )
+
+    def score(self, name: str, logits: np.ndarray, targets: np.ndarray) -> float:
+        """One validation metric ("loss" or a name in `metrics`) of `logits` against `targets`."""
+        if name == "loss":
+            return float(self.objective(torch.from_numpy(logits), torch.from_numpy(targets)))
+        return float(self.metrics[name](logits, targets))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from llmtune import (
     EarlyStopping,
     FineTuner,
     HistoryLogger,
+    KeepBest,
     Objective,
     OptimizerFactory,
 )
@@ -168,6 +170,46 @@ def test_keep_best_restores_best_weights(make_model, sentiment):
     history = tuner.fit(train, val)
     best = max(history["val_f1"])
     assert tuner.evaluate(val)["f1"] == pytest.approx(best)
+
+
+def keep_best_sees(keep, tuner, states):
+    """Feed KeepBest one evaluation per (logits, targets) state, as fit does; returns its choice."""
+    keep.on_fit_start(tuner, tuner_state := SimpleNamespace(epoch=-1, step=0))
+    for epoch, (logits, targets) in enumerate(states):
+        tuner_state.epoch, tuner_state.step = epoch, epoch
+        metrics = {name: tuner.score(name, logits, targets) for name in ("loss", *tuner.metrics)}
+        keep.on_evaluate(tuner, tuner_state, metrics=metrics, outputs=(logits, targets))
+    return keep.best_epoch
+
+
+@pytest.mark.parametrize("monitor", ["loss", "f1"])
+def test_keep_best_keeps_a_lucky_score_on_few_examples_out_and_real_gains_in(make_model, monitor):
+    tuner = FineTuner(make_model(), progress=False)
+    rng = np.random.default_rng(0)
+
+    def states(n, *flips):
+        """States on n rows, each right on `flips` more rows than the one before."""
+        targets = rng.integers(0, 2, n)
+        predicted = [np.where(rng.random(n) < 0.7, targets, 1 - targets)]  # right on ~70%
+        for k in flips:
+            wrong = np.flatnonzero(predicted[-1] != targets)[:k]
+            predicted.append(predicted[-1].copy())
+            predicted[-1][wrong] = targets[wrong]
+        return [(np.eye(2, dtype=np.float32)[p] * 2 - 1, targets) for p in predicted]
+
+    confident = KeepBest(monitor, confidence=0.95)
+    # One lucky row of 24 scores better, but not on 95% of the resamples; 60 rows of 1,000 do.
+    assert keep_best_sees(confident, tuner, states(24, 1)) == 0
+    assert keep_best_sees(confident, tuner, states(1000, 60)) == 1
+    assert keep_best_sees(KeepBest(monitor), tuner, states(24, 1)) == 1  # the default: any gain
+    # Two more rows right is no convincing gain over epoch 2, but it is over the first state:
+    # judged against the first, steady small gains add up (against the kept one, they would not).
+    assert keep_best_sees(confident, tuner, states(1000, 60, 2)) == 2
+
+
+def test_keep_best_rejects_a_confidence_of_one_or_more():
+    with pytest.raises(ValueError, match="confidence must be in"):
+        KeepBest(confidence=1.0)
 
 
 def test_user_metric_and_predict_order(make_model, sentiment):
