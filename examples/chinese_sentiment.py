@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-from llmtune import ClassifierModel, DatasetAdapter, FineTuner, Objective, OptimizerFactory, offline
+from llmtune import (
+    ClassifierModel,
+    DatasetAdapter,
+    FineTuner,
+    Objective,
+    OptimizerFactory,
+    TopLayers,
+    offline,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sentiment import default_model  # noqa: E402  (the encoder of the main example)
@@ -114,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay, e.g. 0.9")
+    parser.add_argument(
+        "--top-layers", type=int, default=None, help="train only the top K encoder layers and the head"
+    )
     parser.add_argument("--out", default="runs/chinese_sentiment", help="where the fine-tuned model is saved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -142,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     name = encoder_path(args.model)
     extra = {"num_hidden_layers": 2} if args.quick else {}
     model = ClassifierModel.from_pretrained(name, labels=data.labels, max_length=args.max_length, **extra)
+    if args.top_layers:
+        model.tune(TopLayers(args.top_layers))
     unk = unk_rate(model.tokenizer, list(train.dataset["text"]), args.max_length)
     print(f"encoder {name}: {unk:.1%} of the review tokens are [UNK] for this vocabulary")
 
