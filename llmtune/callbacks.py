@@ -106,7 +106,8 @@ class _Monitor(Callback):
         self.monitor, self.mode = _resolve_monitor(tuner, self.monitor, self.mode)
         self.best = None
 
-    def improved(self, metrics: dict[str, float]) -> bool:
+    def better(self, metrics: dict[str, float]) -> bool:
+        """Whether `metrics` beat the best so far (which stays as it is)."""
         if self.monitor not in metrics:
             raise KeyError(
                 f"monitored metric {self.monitor!r} is not among the validation metrics {sorted(metrics)}"
@@ -114,12 +115,16 @@ class _Monitor(Callback):
         value = metrics[self.monitor]
         if math.isnan(value):
             return False
-        better = self.best is None or (
+        return self.best is None or (
             value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
         )
-        if better:
-            self.best = value
-        return better
+
+    def improved(self, metrics: dict[str, float]) -> bool:
+        """`better`, and if so, `metrics` become the best so far."""
+        if not self.better(metrics):
+            return False
+        self.best = metrics[self.monitor]
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
@@ -196,15 +201,14 @@ class KeepBest(_Monitor):
         outputs: tuple[Any, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        previous = self.best
-        if not self.improved(metrics):
+        if not self.better(metrics):
             return
-        if outputs is not None and self.reference is not None and not self._convincing(tuner, state, outputs):
-            self.best = previous
-            return
-        if self.reference is None:
-            self.reference = outputs
-        self.best_epoch = state.epoch
+        if self.confidence and outputs is not None:
+            if self.reference is None:  # the first state: nothing to beat yet
+                self.reference = outputs
+            elif not self._convincing(tuner, state, outputs, metrics[self.monitor]):
+                return
+        self.best, self.best_epoch = metrics[self.monitor], state.epoch
         # Frozen parameters never change, so only the trainable ones need a copy.
         self.weights = {
             name: p.detach().to("cpu", copy=True)
@@ -212,10 +216,10 @@ class KeepBest(_Monitor):
             if p.requires_grad
         }
 
-    def _convincing(self, tuner: FineTuner, state: TrainState, outputs: tuple[Any, Any]) -> bool:
+    def _convincing(
+        self, tuner: FineTuner, state: TrainState, outputs: tuple[Any, Any], value: float
+    ) -> bool:
         """Whether `outputs` beat the first state's on `confidence` of the paired resamples."""
-        if self.confidence == 0:
-            return True
         (new, targets), (first, _) = outputs, self.reference
         sign = 1.0 if self.mode == "max" else -1.0
         rng = np.random.default_rng(state.step)  # every data-parallel rank draws the same rows
@@ -232,7 +236,7 @@ class KeepBest(_Monitor):
             "%s improved to %.4f at epoch %d, but beat the first state on %d of %d resamples only: "
             "the kept state stays",
             self.monitor,
-            self.best,
+            value,
             state.epoch + 1,
             wins,
             self.resamples,

@@ -447,10 +447,8 @@ class FineTuner:
             raise DataError(f"evaluation data ({data.source}) has no label column.")
         logits = self.predict(data) / getattr(self.model, "temperature", 1.0)
         targets = self._tokens(data).text_labels
-        return {name: self.score(name, logits, targets) for name in ("loss", *self.metrics)}, (
-            logits,
-            targets,
-        )
+        metrics = {name: self.score(name, logits, targets) for name in ("loss", *self.metrics)}
+        return metrics, (logits, targets)
 
     def score(self, name: str, logits: np.ndarray, targets: np.ndarray) -> float:
         """One validation metric ("loss" or a name in `metrics`) of `logits` against `targets`."""
