@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmtune import ClassifierModel
+from llmtune import ClassifierModel, DatasetAdapter
 
 POSITIVE = ["good", "great", "superb", "lovely", "fine"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "weak"]
@@ -33,6 +33,18 @@ def sentiment_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
         texts.append(" ".join(words))
         labels.append(label)
     return texts, labels
+
+
+def task_data(task: str, n: int = 48) -> DatasetAdapter:
+    """`sentiment_texts` as a classification, multi-label or regression data set."""
+    texts, names = sentiment_texts(n)
+    if task == "multilabel":
+        labels = [[name] + (["long"] if len(t.split()) > 7 else []) for t, name in zip(texts, names)]
+    elif task == "regression":
+        labels = [float(name == "pos") + 0.1 * len(t.split()) for t, name in zip(texts, names)]
+    else:
+        labels = names
+    return DatasetAdapter.from_lists(texts, labels, task=task)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import sentiment_texts
+from conftest import sentiment_texts, task_data
 from families import FAMILIES, tiny_backbone
 from torch import nn
 
@@ -175,23 +175,12 @@ def test_a_windowed_model_probes_on_every_window_of_train_and_validation(make_mo
     assert len(options["validation"][0]) == windows(val) > len(val)
 
 
-def _task_data(task: str, n: int = 48) -> DatasetAdapter:
-    texts, names = sentiment_texts(n)
-    if task == "multilabel":
-        labels = [[name] + (["long"] if len(t.split()) > 7 else []) for t, name in zip(texts, names)]
-    elif task == "regression":
-        labels = [float(name == "pos") + 0.1 * len(t.split()) for t, name in zip(texts, names)]
-    else:
-        labels = names
-    return DatasetAdapter.from_lists(texts, labels, task=task)
-
-
 @pytest.mark.parametrize("task", ["classification", "multilabel", "regression"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_and_task_probes_with_its_validation_data(family, task, tokenizer, fit_head_calls):
     from llmtune import ClassifierModel
 
-    train, val = _task_data(task).split(validation=0.5, seed=0)
+    train, val = task_data(task).split(validation=0.5, seed=0)
     labels = None if task == "regression" else train.labels
     torch.manual_seed(0)
     model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=labels, task=task)

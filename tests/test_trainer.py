@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import sentiment_texts
+from conftest import sentiment_texts, task_data
 
 from llmtune import (
     Callback,
@@ -205,6 +206,26 @@ def test_keep_best_keeps_a_lucky_score_on_few_examples_out_and_real_gains_in(mak
     # Two more rows right is no convincing gain over epoch 2, but it is over the first state:
     # judged against the first, steady small gains add up (against the kept one, they would not).
     assert keep_best_sees(confident, tuner, states(1000, 60, 2)) == 2
+
+
+@pytest.mark.parametrize("task", ["classification", "multilabel", "regression"])
+def test_keep_best_with_confidence_in_fit_restores_its_choice_and_checkpoints_its_reference(make_model, task):
+    train, val = task_data(task).split(validation=0.5, seed=0)
+    torch.manual_seed(0)
+    model = make_model(labels=train.labels or ("neg", "pos"), task=task)
+    keep = KeepBest(confidence=0.95)
+    tuner = FineTuner(model, epochs=3, precision="fp32", progress=False, callbacks=[keep])
+    tuner.fit(train, val)
+    logits, targets = keep.reference  # the first state's validation outputs, one row per text
+    assert len(logits) == len(targets) == len(val)
+    assert tuner.evaluate(val)[keep.monitor] == pytest.approx(keep.best, rel=1e-5)  # the kept state
+    buffer = io.BytesIO()
+    torch.save(keep.state_dict(), buffer)
+    buffer.seek(0)
+    again = KeepBest(confidence=0.95)
+    again.load_state_dict(torch.load(buffer, weights_only=True))  # as a checkpoint is read back
+    np.testing.assert_array_equal(again.reference[0], logits)
+    np.testing.assert_array_equal(again.reference[1], targets)
 
 
 def test_keep_best_rejects_a_confidence_of_one_or_more():
