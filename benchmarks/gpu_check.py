@@ -394,7 +394,7 @@ def section_tests(plan: Plan, clock: Clock, out: Path) -> dict[str, Any]:
     cmd.append(f"--junitxml={xml}")
     # Half the budget stays for the other sections; the CPU dry run's tests are much slower.
     timeout = max(
-        30.0, min(150.0 if plan.device == "cuda" else 0.5 * plan.budget_s, clock.left() - 0.5 * plan.budget_s)
+        30.0, min(200.0 if plan.device == "cuda" else 0.5 * plan.budget_s, clock.left() - 0.5 * plan.budget_s)
     )
     try:
         done = subprocess.run(

@@ -4,6 +4,7 @@ outputs match the CPU's, and a model saved on the GPU loads on the CPU.
 Marked `gpu` and skipped without CUDA. `pytest -m gpu tests/test_gpu.py` on a GPU machine;
 `benchmarks/gpu_check.py` runs it there. `LLMTUNE_GPU_TESTS_ON=cpu` runs the same tests on the
 CPU (GPU-only assertions skipped), to check the tests themselves on a machine without a GPU.
+The last test runs every encoder and decoder family on every task.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import sentiment_texts
+from conftest import sentiment_texts, task_data
+from families import DECODERS, FAMILIES, tiny_backbone
 
-from llmtune import ClassifierModel, DatasetAdapter, FineTuner, OptimizerFactory
+from llmtune import ClassifierModel, DatasetAdapter, FineTuner, LoRA, OptimizerFactory
 
 DEVICE = os.environ.get("LLMTUNE_GPU_TESTS_ON", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -40,9 +42,8 @@ def sentiment():
 
 def tuner_for(model, precision: str, device: str = DEVICE, **kwargs) -> FineTuner:
     kwargs = {"epochs": 6, "batch_size": 16, "progress": False, "keep_best": False, **kwargs}
-    return FineTuner(
-        model, optimizer=OptimizerFactory.adamw(lr=3e-3), precision=precision, device=device, **kwargs
-    )
+    kwargs.setdefault("optimizer", OptimizerFactory.adamw(lr=3e-3))
+    return FineTuner(model, precision=precision, device=device, **kwargs)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -153,3 +154,47 @@ def test_saved_on_gpu_loads_on_cpu(trained, tmp_path):
         assert torch.equal(mine[key].cpu(), theirs[key]), key  # the bytes, not approximately
     cpu = tuner_for(loaded, "fp32", device="cpu")
     np.testing.assert_allclose(cpu.predict(val), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["classification", "multilabel", "regression"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_and_task_learns_in_bf16_and_predicts_like_the_cpu(family, task, tokenizer):
+    """Each encoder and decoder family, on each task: a bf16 fit on the GPU lowers the loss with
+    no skipped step, and the trained model's fp32 outputs on the GPU equal the CPU's."""
+    needs_bf16()
+    train, val = task_data(task, n=240).split(validation=0.2, seed=0)
+    labels = None if task == "regression" else train.labels
+    model = ClassifierModel(
+        tiny_backbone(family, len(tokenizer)), tokenizer, labels=labels, task=task, dropout=0.0
+    )
+    tuner = tuner_for(model, "bf16", epochs=10)
+    history = tuner.fit(train)
+    assert tuner.model.device.type == torch.device(DEVICE).type
+    assert np.isfinite(history.train_loss).all()
+    assert history.train_loss[-1] < 0.6 * history.train_loss[0], history.train_loss
+    assert tuner.state.skipped == 0
+    here = tuner_for(tuner.model, "fp32").predict(val)
+    cpu = tuner_for(tuner.model, "fp32", device="cpu").predict(val)
+    np.testing.assert_allclose(here, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_a_bf16_decoder_with_lora_and_checkpointing_learns_and_keeps_its_base(family, tokenizer, tmp_path):
+    """The LLM recipe on a GPU: bf16 weights, LoRA, gradient checkpointing, bf16 autocast."""
+    needs_bf16()
+    tiny_backbone(family, len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    texts, labels = sentiment_texts(240)
+    train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.2, seed=0)
+    model = ClassifierModel.from_pretrained(
+        tmp_path, labels=train.labels, dtype=torch.bfloat16, gradient_checkpointing=True, dropout=0.0
+    ).tune(LoRA(r=8, dropout=0.0))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert base and all(p.dtype == torch.bfloat16 for p in base.values())
+    tuner = tuner_for(model, "bf16", epochs=10, optimizer=OptimizerFactory.adamw(lr=1e-2))
+    history = tuner.fit(train, val)
+    assert history.train_loss[-1] < 0.6 * history.train_loss[0], history.train_loss
+    assert tuner.evaluate(val)["accuracy"] >= 0.8  # chance is 0.5
+    for name, param in model.named_parameters():
+        if name in base:
+            assert torch.equal(param.detach().cpu(), base[name].cpu()), f"{name} moved"
