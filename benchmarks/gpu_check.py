@@ -524,7 +524,8 @@ def ddp_child(args: argparse.Namespace) -> None:
                 torch.cuda.set_device(dev)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-            return OneRankGroup(int(os.environ.get("RANK", "0")), 1, local), dev
+            # The context names the device its collectives use: an NCCL group serves CUDA only.
+            return OneRankGroup(int(os.environ.get("RANK", "0")), 1, local, dev), dev
 
         lt_dist.setup = setup
     from transformers import BertModel
