@@ -7,7 +7,7 @@ transformers directory. The decoder reads each tweet and its last token's hidden
 projections, so 0.5% of the weights train. The same split is then fine-tuned in full with
 all-MiniLM-L6-v2, and both are reported side by side with a TF-IDF baseline.
 
-    python examples/llm_classifier.py            # 3,000 tweets, 2 epochs: ~25 min on 2 cores
+    python examples/llm_classifier.py            # 3,000 tweets, 2 epochs: ~9 min on 2 cores
     python examples/llm_classifier.py --quick    # 2-layer SmolLM2, 300 tweets, 1 epoch
 """
 
