@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class Tokenized:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @functools.cached_property
+    def longest(self) -> int:
+        return int(self.lengths.max(initial=0))
+
     @property
     def text_labels(self) -> np.ndarray | None:
         """The labels of the texts (one per text, where rows are windows of them)."""
@@ -61,10 +66,13 @@ class Tokenized:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """Pad the chosen examples to the longest among them (on the right, or left if `pad_left`)."""
+    def collate(self, indices: np.ndarray, multiple: int = 1) -> dict[str, torch.Tensor]:
+        """Pad the chosen examples to the longest among them (on the right, or left if `pad_left`),
+        rounded up to a `multiple` but never past the longest row of the set (which the model
+        already takes: its positions stay within range)."""
         lengths = self.lengths[indices]
         width = int(lengths.max())
+        width = max(width, min(-(-width // multiple) * multiple, self.longest))
         ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)  # (B, T)
         mask = np.zeros((len(indices), width), dtype=np.int64)  # (B, T)
         types = np.zeros((len(indices), width), dtype=np.int64) if self.token_type_ids is not None else None
@@ -125,6 +133,7 @@ class BatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        pad_multiple: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,6 +145,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.pad_multiple = pad_multiple
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -172,4 +182,4 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for indices in self.batch_indices():
-            yield self.data.collate(indices)
+            yield self.data.collate(indices, self.pad_multiple)

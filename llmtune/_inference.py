@@ -77,7 +77,7 @@ class Inference:
         try:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                batch = data.collate(chosen[rows])
+                batch = data.collate(chosen[rows], _runtime.pad_multiple(self.device))
                 batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
                 out[rows] = self(**batch).float().cpu().numpy()
         finally:

@@ -65,6 +65,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
+def pad_multiple(device: torch.device) -> int:
+    """Batch widths are rounded up to this. On CUDA, 8: scaled_dot_product_attention's cuDNN
+    backend builds a plan for each new shape, so a first epoch over up to 128 distinct widths
+    ran at a fifth of the speed of the next (H200, MiniLM bf16: 388 samples/s cold, 1,306
+    with multiples of 8; warm 1,952 against 2,533). On the CPU padding is pure cost: 1."""
+    return 8 if device.type == "cuda" else 1
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)

@@ -331,10 +331,12 @@ class DatasetAdapter:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        pad_multiple: int = 1,
     ) -> BatchLoader:
         """Batches of dict(input_ids, attention_mask[, token_type_ids][, labels]) tensors,
-        each padded to its own longest example. `group_by_length` puts similar lengths
-        together (random order of groups, reproducible from `seed` and the epoch)."""
+        each padded to its own longest example (rounded up to `pad_multiple`). `group_by_length`
+        puts similar lengths together (random order of groups, reproducible from `seed` and
+        the epoch)."""
         return BatchLoader(
             self.tokenize(tokenizer, max_length, stride),
             batch_size,
@@ -344,6 +346,7 @@ class DatasetAdapter:
             drop_last=drop_last,
             rank=rank,
             world_size=world_size,
+            pad_multiple=pad_multiple,
         )
 
     def check_trainable(self) -> None:

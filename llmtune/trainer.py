@@ -224,6 +224,7 @@ class FineTuner:
             seed=self.seed,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
+            pad_multiple=_runtime.pad_multiple(self.device),
         )
         loader = self.cache_features(loader)
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)

@@ -388,7 +388,7 @@ class FeatureLoader:
         try:
             with torch.inference_mode():
                 for start in range(0, len(order), batch_size):
-                    batch = data.collate(order[start : start + batch_size])
+                    batch = data.collate(order[start : start + batch_size], _runtime.pad_multiple(device))
                     batch.pop("labels", None)
                     with _runtime.autocast(device, dtype):
                         chunks.append(model.encode(**_runtime.to_device(batch, device)).float())  # (b, H)

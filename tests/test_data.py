@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import datasets
@@ -158,6 +159,22 @@ def test_dynamic_padding(tokenizer):
     assert batch["labels"].tolist() == [1, 0]
     short = data.tokenize(tokenizer, max_length=4)
     assert short.lengths.max() == 4
+
+
+def test_padding_to_a_multiple_stops_at_the_longest_row(tokenizer):
+    data = DatasetAdapter.from_lists(
+        ["good", "the film was good and the plot was fine", "bad film"], [1, 0, 0]
+    )
+    tokenized = data.tokenize(tokenizer, max_length=64)  # lengths 3, 11, 4
+    short = tokenized.collate(np.array([0, 2]), multiple=8)
+    assert short["input_ids"].shape == (2, 8)
+    assert short["attention_mask"].sum(1).tolist() == [3, 4]
+    assert (short["input_ids"][:, 4:] == tokenizer.pad_token_id).all()
+    # 16 would pass the longest row (11): positions past what the model takes are never made.
+    assert tokenized.collate(np.array([0, 1]), multiple=8)["input_ids"].shape == (2, 11)
+    left = dataclasses.replace(tokenized, pad_left=True).collate(np.array([0, 2]), multiple=8)
+    assert left["attention_mask"][:, -3:].all() and not left["attention_mask"][:, :4].any()
+    assert left["input_ids"][0, -3:].tolist() == tokenizer("good")["input_ids"]
 
 
 def test_length_grouped_batches_pad_less_and_are_reproducible():

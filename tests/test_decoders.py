@@ -39,13 +39,17 @@ SIDES = [(f, side) for f in DECODERS for side in ("right", "left")] + [(f, "righ
 
 
 @pytest.mark.parametrize(("family", "side"), SIDES)
-def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(family, side, tokenizer):
+def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(family, side, tokenizer, monkeypatch):
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = side
     model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=["a", "b"], dropout=0.0)
     batch = model.logits(TEXTS, precision="fp32")
     alone = np.concatenate([model.logits([text], precision="fp32") for text in TEXTS])
     np.testing.assert_allclose(batch, alone, rtol=0, atol=1e-5)
+    # As on CUDA: each row alone in its batch, padded up to a multiple of 8 (3 tokens to 8).
+    monkeypatch.setattr("llmtune._runtime.pad_multiple", lambda device: 8)
+    padded = model.logits(TEXTS, batch_size=1, precision="fp32")
+    np.testing.assert_allclose(padded, alone, rtol=0, atol=1e-5)
 
 
 def test_a_tokenizer_without_pad_pads_with_eos_and_says_so(tokenizer, caplog):

@@ -297,3 +297,22 @@ def test_default_epochs_give_small_data_at_least_min_steps(make_model, caplog):
     assert large.state.step == 30
     with pytest.raises(ConfigError, match="min_steps"):
         FineTuner(make_model(), min_steps=-1)
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_fit_pads_batches_to_the_devices_multiple(make_model, monkeypatch, multiple):
+    """On CUDA widths are rounded up to 8 (fewer shapes for cuDNN attention to plan), simulated
+    here through the device query; on the CPU each batch keeps its own longest row."""
+    monkeypatch.setattr("llmtune._runtime.pad_multiple", lambda device: multiple)
+    texts, labels = sentiment_texts(96)
+    train = DatasetAdapter.from_lists(texts, labels)
+    model = make_model(labels=train.labels)
+    widths = []
+    model.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    FineTuner(model, epochs=1, batch_size=8, progress=False, probe=False).fit(train)
+    longest = int(train.tokenize(model.tokenizer, model.max_length).lengths.max())
+    rounded = [w % 8 == 0 or w == longest for w in widths]
+    assert len(widths) == 12
+    assert all(rounded) if multiple == 8 else not all(rounded)
