@@ -1,0 +1,66 @@
+"""One llmtune run of quality.py's tweets "full" size (8,000), with test accuracy after each epoch.
+
+What best-weights restore keeps against what each epoch scores, and one lever at a time
+against the defaults on the same draw (quality.py's splits and seed):
+
+    python benchmarks/quality_epochs.py default --seed 0
+    python benchmarks/quality_epochs.py head-lr --seed 0     # the head at the encoder's 5e-5
+    python benchmarks/quality_epochs.py epochs4 --seed 0     # 4 epochs instead of 3
+    python benchmarks/quality_epochs.py fp32 --seed 0        # no bf16 autocast
+
+Prints each epoch's test scores, then one JSON line (validation records, test per epoch,
+final test scores, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality  # noqa: E402
+
+from llmtune import Callback, ClassifierModel, FineTuner, OptimizerFactory  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "head-lr": {"optimizer": OptimizerFactory.adamw(head_lr=5e-5)},
+    "epochs4": {"epochs": 4},
+    "fp32": {"precision": "fp32"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", choices=list(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pool, val_pool, test = quality.fixed_splits(quality.LOADERS["tweets"]())
+    train = quality.sample(pool, "full", args.seed, cap=8000)
+    val = quality.sample(val_pool, "1000", args.seed, cap=1000)
+    per_epoch = []
+
+    class TestEachEpoch(Callback):
+        def on_epoch_end(self, tuner, state, **kwargs):
+            per_epoch.append({"epoch": state.epoch + 1, **tuner.evaluate(test)})
+            print(per_epoch[-1], flush=True)
+
+    model = ClassifierModel.from_pretrained(quality.encoder_choice("minilm")[0], labels=train.labels)
+    tuner = FineTuner(
+        model, seed=args.seed, progress=False, callbacks=[TestEachEpoch()], **VARIANTS[args.variant]
+    )
+    start = time.perf_counter()
+    history = tuner.fit(train, val)
+    seconds = time.perf_counter() - start  # the per-epoch test evaluations included
+    final = tuner.evaluate(test)
+    record = {"variant": args.variant, "seed": args.seed, "seconds": seconds}
+    record |= {"validation": history.records, "test_per_epoch": per_epoch, "final": final}
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
