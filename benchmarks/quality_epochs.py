@@ -7,6 +7,7 @@ against the defaults on the same draw (quality.py's splits and seed):
     python benchmarks/quality_epochs.py head-lr --seed 0     # the head at the encoder's 5e-5
     python benchmarks/quality_epochs.py epochs4 --seed 0     # 4 epochs instead of 3
     python benchmarks/quality_epochs.py fp32 --seed 0        # no bf16 autocast
+    python benchmarks/quality_epochs.py pooler --seed 0      # the Trainer's head: BERT's pooler
 
 Prints each epoch's test scores, then one JSON line (validation records, test per epoch,
 final test scores, seconds).
@@ -26,11 +27,36 @@ import quality  # noqa: E402
 
 from llmtune import Callback, ClassifierModel, FineTuner, OptimizerFactory  # noqa: E402
 
+
+class PoolerModel(ClassifierModel):
+    """What AutoModelForSequenceClassification reads: BERT's pretrained pooler (dense + tanh
+    on [CLS]) instead of the mean over tokens. llmtune loads encoders without it."""
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs):
+        from safetensors.torch import load_file
+        from transformers.models.bert.modeling_bert import BertPooler
+
+        model = super().from_pretrained(directory, **kwargs)
+        model.pooler = BertPooler(model.encoder.config)
+        weights = load_file(str(Path(directory) / "model.safetensors"))
+        pooler = {k.removeprefix("pooler."): v for k, v in weights.items() if k.startswith("pooler.")}
+        model.pooler.load_state_dict(pooler)
+        return model
+
+    def encode(self, input_ids, attention_mask, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return self.pooler(self.encoder(**inputs).last_hidden_state)
+
+
 VARIANTS = {
     "default": {},
     "head-lr": {"optimizer": OptimizerFactory.adamw(head_lr=5e-5)},
     "epochs4": {"epochs": 4},
     "fp32": {"precision": "fp32"},
+    "pooler": {},
 }
 
 
@@ -49,7 +75,8 @@ def main() -> None:
             per_epoch.append({"epoch": state.epoch + 1, **tuner.evaluate(test)})
             print(per_epoch[-1], flush=True)
 
-    model = ClassifierModel.from_pretrained(quality.encoder_choice("minilm")[0], labels=train.labels)
+    kind = PoolerModel if args.variant == "pooler" else ClassifierModel
+    model = kind.from_pretrained(quality.encoder_choice("minilm")[0], labels=train.labels)
     tuner = FineTuner(
         model, seed=args.seed, progress=False, callbacks=[TestEachEpoch()], **VARIANTS[args.variant]
     )
