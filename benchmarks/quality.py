@@ -59,6 +59,10 @@ CONTENDERS = (
     "llmtune-probe",
     "llmtune-lr1e-4",
     "mean",
+    # Rows recorded before a new regression head started at the targets' mean (its bias at
+    # zero); the code that made them is gone, the rows stay to show what the change did.
+    "llmtune-zerobias",
+    "llmtune-head-zerobias",
 )
 LOADERS: dict[str, Callable[[], DatasetAdapter]] = {
     "tweets": lambda: load_tweets(10**9, 0),
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", nargs="+", default=list(LOADERS), choices=list(LOADERS))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:5]), choices=list(CONTENDERS))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:5]), choices=list(RUNNERS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
         "--encoder",

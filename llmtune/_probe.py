@@ -129,3 +129,23 @@ def probe(tuner: FineTuner, loader: Any, validation: DatasetAdapter | None = Non
             )
         )
     return fit_head(model.head, tuner.objective, *features(loader), seed=tuner.seed, validation=held_out)
+
+
+def start_at_mean(model: nn.Module, targets: Any) -> list[float] | None:
+    """Start a new regression head at the training targets' mean; that mean, or None if not.
+
+    A new head's bias is zero, and Adam moves it by about the learning rate a step: a head
+    whose outputs must sit near 0.8 spends the run getting there. At 8,000 tweets with
+    HeadOnly (750 steps at 1e-3) the zero start ended at 55.1 test MSE x 1000, worse than
+    predicting the mean (36.0). A bias of exactly zero is a head no fit has touched (a saved
+    or trained head is left alone); the probe, where it runs, fits the bias anyway.
+    """
+    head = getattr(model, "head", None)
+    if getattr(model, "task", None) != "regression" or not isinstance(head, nn.Linear) or head.bias is None:
+        return None
+    if targets is None or head.bias.detach().any():
+        return None
+    mean = torch.as_tensor(targets, dtype=torch.float32).reshape(len(targets), -1).mean(0)  # (outputs,)
+    with torch.no_grad():
+        head.bias.copy_(mean.to(head.bias))
+    return [round(float(m), 4) for m in mean]

@@ -226,6 +226,9 @@ class FineTuner:
             world_size=self.dist.world_size,
             pad_multiple=_runtime.pad_multiple(self.device),
         )
+        mean = _probe.start_at_mean(model, loader.data.text_labels) if resume_from is None else None
+        if mean is not None:
+            logger.info("the new regression head starts at the training targets' mean %s", mean)
         loader = self.cache_features(loader)
         steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
         total_steps, small = plan_steps(steps_per_epoch, self.epochs, self.max_steps, self.min_steps)
