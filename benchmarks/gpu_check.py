@@ -434,8 +434,8 @@ def section_finetune(plan: Plan, clock: Clock, data: Data) -> dict[str, Any]:
     runs, notes, took = [], [], {}  # took: seconds of the last run of each shape
     run_llmtune(data, plan.shapes["minilm"], "fp32", plan.device, max_steps=3)  # CUDA, cuBLAS warm-up
     for name, shape in plan.shapes.items():
-        # bf16 twice: the first run meets every padded length for the first time (kernel
-        # choice, allocator growth), the second finds them warm; their gap is that cost.
+        # bf16 twice: the first run meets every batch width for the first time (cuDNN
+        # attention plans each one: benchmarks/gpu_coldstart.py), the second finds them warm.
         for precision in ("bf16", "bf16 again", "fp16"):
             if name in took:
                 estimate = 1.3 * took[name]

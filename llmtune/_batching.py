@@ -71,8 +71,7 @@ class Tokenized:
         rounded up to a `multiple` but never past the longest row of the set (which the model
         already takes: its positions stay within range)."""
         lengths = self.lengths[indices]
-        width = int(lengths.max())
-        width = max(width, min(-(-width // multiple) * multiple, self.longest))
+        width = min(-(-int(lengths.max()) // multiple) * multiple, self.longest)  # >= the batch's longest
         ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)  # (B, T)
         mask = np.zeros((len(indices), width), dtype=np.int64)  # (B, T)
         types = np.zeros((len(indices), width), dtype=np.int64) if self.token_type_ids is not None else None

@@ -230,7 +230,6 @@ def test_a_new_regression_head_starts_at_the_targets_mean_and_learns_from_there(
 def test_other_tasks_keep_a_zero_bias_at_the_start(make_model, task):
     data = task_data(task)
     start = BiasAtStart()
-    labels = data.labels
-    FineTuner(make_model(labels=labels, task="classification" if task == "classification" else task),
-              epochs=1, probe=False, progress=False, callbacks=[start]).fit(data)  # fmt: skip
+    model = make_model(labels=data.labels, task=task)
+    FineTuner(model, epochs=1, probe=False, progress=False, callbacks=[start]).fit(data)
     assert not start.bias.any()
