@@ -4,10 +4,16 @@ The H200 check saw MiniLM bf16 at 311 samples/s in a process's first run and 1,5
 second, with the same number of cudaMalloc calls: not allocator growth. Each variant here
 runs in a fresh process (kernels and plans loaded once stay loaded), cold then warm:
 
-- default: batches padded to their longest example (up to 128 distinct widths);
-- pad8: widths rounded up to a multiple of 8 (16 distinct widths);
-- no-cudnn-sdpa: scaled_dot_product_attention without its cuDNN backend;
-- eager-modules: CUDA_MODULE_LOADING=EAGER (all kernels loaded at start, none lazily).
+- exact: batches padded to their longest example (up to 128 distinct widths);
+- pad8: widths rounded up to a multiple of 8 (16 distinct widths), what llmtune now does on
+  CUDA (`_runtime.pad_multiple`);
+- no-cudnn-sdpa: exact widths, scaled_dot_product_attention without its cuDNN backend;
+- eager-modules: exact widths, CUDA_MODULE_LOADING=EAGER (all kernels loaded up front);
+- pad8+no-cudnn-sdpa: both.
+
+The recorded runs kept the names they were made with: in `results/gpu/h200-coldstart.json`
+"default" is today's "exact" (llmtune before the change), in `h200-coldstart-library.json`
+"default" is llmtune after it (today's "pad8").
 
     python benchmarks/gpu_coldstart.py --out runs/coldstart   # on a GPU machine
 """
@@ -23,32 +29,18 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("default", "pad8", "no-cudnn-sdpa", "eager-modules", "pad8+no-cudnn-sdpa")
+VARIANTS = ("exact", "pad8", "no-cudnn-sdpa", "eager-modules", "pad8+no-cudnn-sdpa")
 
 
 def child(variant: str, examples: int, device: str) -> dict[str, float]:
     sys.path.insert(0, str(HERE))
     import gpu_check
-    import numpy as np
     import torch
 
-    from llmtune._batching import Tokenized
+    from llmtune import _runtime
 
-    if "pad8" in variant:
-        collate = Tokenized.collate
-
-        def padded(self: Tokenized, indices: np.ndarray) -> dict[str, torch.Tensor]:
-            batch = collate(self, indices)
-            width = batch["input_ids"].shape[1]
-            extra = -width % 8
-            if extra:
-                pads = {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0}
-                for key, value in pads.items():
-                    if key in batch:
-                        batch[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
-            return batch
-
-        Tokenized.collate = padded
+    multiple = 8 if "pad8" in variant else 1
+    _runtime.pad_multiple = lambda device: multiple  # the one switch llmtune's padding reads
     if "no-cudnn-sdpa" in variant:
         torch.backends.cuda.enable_cudnn_sdp(False)
     data = gpu_check.Data.make(examples)
