@@ -148,6 +148,8 @@ def run_trainer(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     regression = train.task == "regression"
+    extra = dict(extra)
+    max_length = extra.pop("max_length", None)
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     model = AutoModelForSequenceClassification.from_pretrained(
         encoder, num_labels=1 if regression else len(train.labels), **extra
@@ -156,7 +158,9 @@ def run_trainer(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
     def tokenized(data):
         frame = Dataset.from_dict({"text": data.dataset["text"], "labels": data.dataset["label"]})
         return frame.map(
-            lambda b: tokenizer(b["text"], truncation=True), batched=True, remove_columns=["text"]
+            lambda b: tokenizer(b["text"], truncation=True, max_length=max_length),
+            batched=True,
+            remove_columns=["text"],
         )
 
     with tempfile.TemporaryDirectory() as out:
@@ -172,7 +176,11 @@ def run_setfit(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
+    extra = dict(extra)
+    max_length = extra.pop("max_length", None)
     model = SetFitModel.from_pretrained(encoder, **({"model_kwargs": extra} if extra else {}))
+    if max_length:
+        model.model_body.max_seq_length = max_length
     data = Dataset.from_dict({"text": train.dataset["text"], "label": train.dataset["label"]})
     with tempfile.TemporaryDirectory() as out:  # its checkpoints and logs stay out of the repository
         args = TrainingArguments(output_dir=out, seed=seed, report_to="none")
@@ -242,6 +250,12 @@ def main(argv: list[str] | None = None) -> Path:
         default="minilm",
         help='"minilm" (all-MiniLM-L6-v2), "e5" (multilingual-e5-small) or a directory',
     )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate every model contender's inputs to this many tokens (the table names it)",
+    )
     parser.add_argument("--full-cap", type=int, default=8000, help="at most this many in the 'full' size")
     parser.add_argument("--resume", action="store_true", help="skip rows already in the results JSON")
     parser.add_argument("--quick", action="store_true", help="2-layer encoder, sizes 8 and 64, one seed")
@@ -250,6 +264,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.quick:
         args.data, args.sizes, args.seeds, extra = ["tweets"], ["8"], 1, {"num_hidden_layers": 2}
     encoder, name = encoder_choice(args.encoder)
+    if args.max_length:  # a different run from the model's own maximum: its own rows in the table
+        extra["max_length"], name = args.max_length, f"{name}, max length {args.max_length}"
     out = ROOT / ("runs/quality-quick" if args.quick else "benchmarks/results/quality")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = (

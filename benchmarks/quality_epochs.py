@@ -8,6 +8,12 @@ against the defaults on the same draw (quality.py's splits and seed):
     python benchmarks/quality_epochs.py epochs4 --seed 0     # 4 epochs instead of 3
     python benchmarks/quality_epochs.py fp32 --seed 0        # no bf16 autocast
     python benchmarks/quality_epochs.py pooler --seed 0      # the Trainer's head: BERT's pooler
+    python benchmarks/quality_epochs.py average --seed 0     # defaults, plus averaged weights' test
+    python benchmarks/quality_epochs.py nogroup --seed 0     # random batches, as the Trainer's
+
+`average` trains the defaults and also scores, after each epoch, weight averages kept beside
+the run by `torch.optim.swa_utils.AveragedModel` (EMA of every step at two decays, and the
+uniform average of the last epoch's steps, SWA-style); the run itself is the defaults'.
 
 Prints each epoch's test scores, then one JSON line (validation records, test per epoch,
 final test scores, seconds).
@@ -51,12 +57,54 @@ class PoolerModel(ClassifierModel):
         return self.pooler(self.encoder(**inputs).last_hidden_state)
 
 
+class Averages(Callback):
+    """Weight averages of the training run, scored on `test` after each epoch (the run is untouched)."""
+
+    def __init__(self, test, epochs: int) -> None:
+        self.test, self.epochs, self.averages, self.scores = test, epochs, {}, []
+
+    def on_fit_start(self, tuner, state, **kwargs):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        for decay in (0.99, 0.995):
+            self.averages[f"ema{decay}"] = AveragedModel(
+                tuner.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False
+            )
+        self.averages["swa-last-epoch"] = AveragedModel(tuner.model, use_buffers=False)
+
+    def on_step_end(self, tuner, state, **kwargs):
+        for name, average in self.averages.items():
+            if name.startswith("ema") or state.epoch == self.epochs - 1:
+                average.update_parameters(tuner.model)
+
+    def on_epoch_end(self, tuner, state, **kwargs):
+        import torch
+
+        params = [p for p in tuner.model.parameters()]
+        saved = [p.detach().clone() for p in params]
+        row = {"epoch": state.epoch + 1}
+        for name, average in self.averages.items():
+            if name.startswith("swa") and state.epoch != self.epochs - 1:
+                continue
+            with torch.no_grad():
+                for p, a in zip(params, average.module.parameters()):
+                    p.copy_(a)
+            row[name] = tuner.evaluate(self.test)
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        self.scores.append(row)
+        print(row, flush=True)
+
+
 VARIANTS = {
     "default": {},
     "head-lr": {"optimizer": OptimizerFactory.adamw(head_lr=5e-5)},
     "epochs4": {"epochs": 4},
     "fp32": {"precision": "fp32"},
     "pooler": {},
+    "average": {},
+    "nogroup": {"group_by_length": False},
 }
 
 
@@ -75,10 +123,15 @@ def main() -> None:
             per_epoch.append({"epoch": state.epoch + 1, **tuner.evaluate(test)})
             print(per_epoch[-1], flush=True)
 
+    averages = Averages(test, epochs=3) if args.variant == "average" else None
     kind = PoolerModel if args.variant == "pooler" else ClassifierModel
     model = kind.from_pretrained(quality.encoder_choice("minilm")[0], labels=train.labels)
     tuner = FineTuner(
-        model, seed=args.seed, progress=False, callbacks=[TestEachEpoch()], **VARIANTS[args.variant]
+        model,
+        seed=args.seed,
+        progress=False,
+        callbacks=[TestEachEpoch(), *([averages] if averages else [])],
+        **VARIANTS[args.variant],
     )
     start = time.perf_counter()
     history = tuner.fit(train, val)
@@ -86,6 +139,8 @@ def main() -> None:
     final = tuner.evaluate(test)
     record = {"variant": args.variant, "seed": args.seed, "seconds": seconds}
     record |= {"validation": history.records, "test_per_epoch": per_epoch, "final": final}
+    if averages is not None:
+        record["averages"] = averages.scores
     print(json.dumps(record))
 
 
