@@ -17,6 +17,9 @@ from .errors import ConfigError
 logger = logging.getLogger("llmtune")
 
 AGGREGATIONS = ("mean", "max")
+UNREADABLE = (
+    0.05  # a share of unknown tokens worth a warning: English text in an English vocabulary has ~0.1%
+)
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -134,3 +137,40 @@ def aggregate(rows: np.ndarray, text: np.ndarray | None, how: str = "mean") -> n
     out = np.zeros((n, rows.shape[1]), dtype=rows.dtype)
     np.add.at(out, text, rows)
     return out / np.bincount(text, minlength=n)[:, None].astype(rows.dtype)
+
+
+def unknown_share(input_ids: np.ndarray, tokenizer: Any) -> float | None:
+    """The share of text tokens (special tokens aside) that are the tokenizer's unknown token.
+
+    None where that cannot be told: no unknown token (byte-level vocabularies read any text),
+    an unknown token that is also one the tokenizer adds itself (GPT-2's `<|endoftext|>` is
+    its unknown, start and end token), or no text tokens at all.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    added = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "cls", "sep")}
+    if unk is None or unk in added:
+        return None
+    text = ~np.isin(input_ids, [i for i in tokenizer.all_special_ids if i != unk])
+    count = int(text.sum())
+    return float(np.count_nonzero(input_ids[text] == unk)) / count if count else None
+
+
+def warn_if_unreadable(input_ids: np.ndarray, tokenizer: Any, source: str) -> float | None:
+    """Log a warning when `UNREADABLE` or more of the tokens are unknown; returns the share.
+
+    A model fed mostly `[UNK]` trains without error and learns little (all-MiniLM-L6-v2 on
+    Chinese reviews: 64% unknown, 0.708 test accuracy against 0.852 for TF-IDF), so this says
+    so before training, not after.
+    """
+    share = unknown_share(input_ids, tokenizer)
+    if share is not None and share >= UNREADABLE:
+        logger.warning(
+            "%.0f%% of the tokens of %s are the unknown token %r of tokenizer %r: the model cannot "
+            "read most of this text (another language or script than its vocabulary?). A "
+            "multilingual encoder reads it, e.g. llmtune.offline.model_path('multilingual-e5-small').",
+            100 * share,
+            source,
+            tokenizer.unk_token,
+            tokenizer.name_or_path,
+        )
+    return share

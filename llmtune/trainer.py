@@ -21,7 +21,7 @@ import torch
 from . import _card, _cpu_fast, _guard, _probe, _resume, _runtime, distributed
 from ._batching import BatchLoader, Tokenized
 from ._state import History, TrainState, plan_steps
-from ._tokens import aggregate
+from ._tokens import aggregate, warn_if_unreadable
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar, notify_on_exception
 from .data import DatasetAdapter
 from .errors import ConfigError, DataError, TrainingError
@@ -226,6 +226,7 @@ class FineTuner:
             world_size=self.dist.world_size,
             pad_multiple=_runtime.pad_multiple(self.device),
         )
+        warn_if_unreadable(loader.data.input_ids, model.tokenizer, train.source)
         mean = _probe.start_at_mean(model, loader.data.text_labels) if resume_from is None else None
         if mean is not None:
             logger.info("the new regression head starts at the training targets' mean %s", mean)

@@ -206,3 +206,51 @@ def test_loader_epochs_differ_and_ranks_partition(tokenizer):
     ]
     seen = [np.concatenate(r.batch_indices(0)) for r in ranks]
     assert set(seen[0]).isdisjoint(seen[1]) and len(seen[0]) + len(seen[1]) == 40
+
+
+# -- text the vocabulary cannot read ---------------------------------------------------------
+
+CHINESE = ["质量很好物超所值", "太差了完全不能用", "书的内容一般", "非常满意下次再来"]
+
+
+def test_unknown_share_counts_text_tokens_only(tokenizer):
+    from llmtune._tokens import unknown_share
+
+    def share(texts):
+        return unknown_share(np.concatenate(tokenizer(texts)["input_ids"]), tokenizer)
+
+    english = ["good movie great plot", "bad awful boring"]
+    assert share(english) == 0.0
+    assert share(CHINESE) == 1.0  # [CLS] and [SEP] are not text: with them it would be < 1
+    assert share(english + CHINESE[:1]) == pytest.approx(8 / (15 + 8))  # 15 English word pieces
+
+
+def test_unknown_share_is_none_where_it_cannot_be_told(tokenizer):
+    import copy
+
+    from llmtune._tokens import unknown_share
+
+    ids = np.concatenate(tokenizer(CHINESE)["input_ids"])
+    gpt2_like = copy.deepcopy(tokenizer)
+    gpt2_like.sep_token = gpt2_like.unk_token  # an unknown token the tokenizer also adds itself
+    assert unknown_share(ids, gpt2_like) is None
+    byte_level = copy.deepcopy(tokenizer)
+    byte_level.unk_token = None
+    assert unknown_share(ids, byte_level) is None
+    assert unknown_share(np.array([2, 3]), tokenizer) is None  # special tokens only
+
+
+def test_fit_warns_before_training_when_the_vocabulary_cannot_read_the_text(make_model, caplog):
+    import logging
+
+    from llmtune import FineTuner
+
+    unreadable = DatasetAdapter.from_lists(CHINESE * 4, ["pos", "neg"] * 8, source="reviews")
+    readable = DatasetAdapter.from_lists(["good movie", "bad movie"] * 8, ["pos", "neg"] * 8)
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        FineTuner(make_model(), max_steps=1, progress=False).fit(readable)
+    assert "unknown token" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        FineTuner(make_model(), max_steps=1, progress=False).fit(unreadable)
+    assert "100% of the tokens of reviews are the unknown token '[UNK]'" in caplog.text
+    assert "multilingual" in caplog.text
