@@ -18,6 +18,10 @@ validation sample (validation as large as training, at most 1,000).
     python benchmarks/quality.py                       # everything (hours on 2 shared cores)
     python benchmarks/quality.py --data tweets --sizes 8 64 --seeds 3
     python benchmarks/quality.py --quick               # 2-layer encoder, tiny sizes, one seed
+    python benchmarks/quality.py --data reviews-zh --encoder e5 --max-length 128 --sizes 1000
+
+`--max-length` truncates the inputs of every model contender alike (TF-IDF reads whole texts)
+and names the table's rows "<encoder>, max length N", apart from the model's own maximum.
 
 Results go to benchmarks/results/quality.{json,md,png} (--quick: runs/quality-quick.*);
 with --resume, contenders already in the JSON are not run again.
