@@ -62,6 +62,7 @@ CONTENDERS = (
     "llmtune-confident",
     "llmtune-probe",
     "llmtune-lr1e-4",
+    "llmtune-batch8",
     "mean",
     # Rows recorded before a new regression head started at the targets' mean (its bias at
     # zero); the code that made them is gone, the rows stay to show what the change did.
@@ -221,6 +222,8 @@ RUNNERS = {
     # and twice the encoder's learning rate (the Trainer takes 4x the steps at batch 8).
     "llmtune-probe": lambda *a: run_llmtune(*a, probe=True),
     "llmtune-lr1e-4": lambda *a: run_llmtune(*a, optimizer=OptimizerFactory.adamw(lr=1e-4)),
+    # The Trainer's batch of 8 (four times the optimizer steps), where the Trainer leads by tenths.
+    "llmtune-batch8": lambda *a: run_llmtune(*a, batch_size=8),
     "tfidf-lr": run_tfidf,
     "hf-trainer": run_trainer,
     "setfit": run_setfit,
