@@ -17,9 +17,8 @@ from .errors import ConfigError
 logger = logging.getLogger("llmtune")
 
 AGGREGATIONS = ("mean", "max")
-UNREADABLE = (
-    0.05  # a share of unknown tokens worth a warning: English text in an English vocabulary has ~0.1%
-)
+# A share of unknown tokens worth a warning: English text in an English vocabulary has ~0.1%.
+UNREADABLE = 0.05
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
