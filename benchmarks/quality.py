@@ -148,13 +148,19 @@ def run_mean(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
     return _scores(np.full(len(targets), np.mean(train.dataset["label"])), targets, regression=True)
 
 
+def _tokenizer_length(extra: dict) -> tuple[int | None, dict]:
+    """(max_length, the other model options): llmtune takes `max_length` as a model option, the
+    Trainer and SetFit apply it where they tokenize."""
+    rest = dict(extra)
+    return rest.pop("max_length", None), rest
+
+
 def run_trainer(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     regression = train.task == "regression"
-    extra = dict(extra)
-    max_length = extra.pop("max_length", None)
+    max_length, extra = _tokenizer_length(extra)
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     model = AutoModelForSequenceClassification.from_pretrained(
         encoder, num_labels=1 if regression else len(train.labels), **extra
@@ -181,8 +187,7 @@ def run_setfit(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
-    extra = dict(extra)
-    max_length = extra.pop("max_length", None)
+    max_length, extra = _tokenizer_length(extra)
     model = SetFitModel.from_pretrained(encoder, **({"model_kwargs": extra} if extra else {}))
     if max_length:
         model.model_body.max_seq_length = max_length
