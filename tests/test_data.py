@@ -222,7 +222,9 @@ def test_unknown_share_counts_text_tokens_only(tokenizer):
     english = ["good movie great plot", "bad awful boring"]
     assert share(english) == 0.0
     assert share(CHINESE) == 1.0  # [CLS] and [SEP] are not text: with them it would be < 1
-    assert share(english + CHINESE[:1]) == pytest.approx(8 / (15 + 8))  # 15 English word pieces
+    # The fixture's WordPiece training splits English differently run to run: count, don't assume.
+    pieces = sum(len(ids) for ids in tokenizer(english, add_special_tokens=False)["input_ids"])
+    assert share(english + CHINESE[:1]) == pytest.approx(8 / (pieces + 8))  # 8 characters, 8 [UNK]
 
 
 def test_unknown_share_is_none_where_it_cannot_be_told(tokenizer):
