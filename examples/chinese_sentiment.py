@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--probe", action=argparse.BooleanOptionalAction, default=False, help="fit the head first (LP-FT)"
     )
+    parser.add_argument(
+        "--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing, e.g. 0.1"
+    )
     parser.add_argument("--prefix", default="", help='put this before every text, e.g. "query: " for e5')
     parser.add_argument(
         "--quick", action="store_true", help="tiny smoke run: 2-layer encoder, 300 reviews, 1 epoch"
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     tuner = FineTuner(
         model,
-        objective=Objective.cross_entropy(),
+        objective=Objective.cross_entropy(label_smoothing=args.label_smoothing),
         optimizer=OptimizerFactory.adamw(lr=args.lr, warmup=0.1, layer_decay=args.layer_decay),
         epochs=args.epochs,
         batch_size=args.batch_size,
