@@ -159,14 +159,16 @@ def warn_if_unreadable(input_ids: np.ndarray, tokenizer: Any, source: str) -> fl
 
     A model fed mostly `[UNK]` trains without error and learns little (all-MiniLM-L6-v2 on
     Chinese reviews: 64% unknown, 0.708 test accuracy against 0.852 for TF-IDF), so this says
-    so before training, not after.
+    so before training, not after. `fit` first grows the vocabulary where it may
+    (`FineTuner(extend_vocabulary=)`); this speaks for what is left unknown after that.
     """
     share = unknown_share(input_ids, tokenizer)
     if share is not None and share >= UNREADABLE:
         logger.warning(
             "%.0f%% of the tokens of %s are the unknown token %r of tokenizer %r: the model cannot "
             "read most of this text (another language or script than its vocabulary?). A "
-            "multilingual encoder reads it, e.g. llmtune.offline.model_path('multilingual-e5-small').",
+            "multilingual encoder reads it, e.g. llmtune.offline.model_path('multilingual-e5-small'); "
+            "or model.extend_vocabulary(train), before tune(), adds it as new tokens.",
             100 * share,
             source,
             tokenizer.unk_token,

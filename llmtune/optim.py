@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._layers import layer_depths, layers_of
+from ._vocabulary import new_rows
 from .errors import ConfigError
 
 __all__ = ["OptimizerFactory"]
@@ -24,7 +25,9 @@ class OptimizerFactory:
     Parameter groups: no weight decay on biases and normalisation weights; the freshly
     initialised head (`model.head`) gets `head_lr`; with `layer_decay=d` the encoder layer
     at depth i of L gets `lr * d ** (L - i)` (embeddings are depth 0; the depths come from
-    the model's layers, `ClassifierModel.encoder_layers`). Only parameters with
+    the model's layers, `ClassifierModel.encoder_layers`). The word embedding of a model
+    whose vocabulary `ClassifierModel.extend_vocabulary` grew gets `head_lr` and no decay: its
+    new rows train as new weights, its pretrained rows stay fixed. Only parameters with
     `requires_grad` are handed to the optimizer.
 
     Args:
@@ -117,19 +120,22 @@ class OptimizerFactory:
             prefix = "encoder." if isinstance(getattr(model, "encoder", None), nn.Module) else ""
             depths = {prefix + name: d for name, d in layer_depths(model).items()}
             num_layers = len(layers_of(model))
+        # extend_vocabulary's embedding: its new rows are new weights (head LR); no decay, as
+        # AdamW's decay would move the pretrained rows that the gradient mask holds still.
+        grown = new_rows(model)
         groups: dict[tuple[float, float], list[torch.Tensor]] = {}
         names: dict[tuple[float, float], list[str]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            if id(param) in head_ids:
+            if id(param) in head_ids or param is grown:
                 lr = self.resolved_head_lr
             elif name in depths:
                 depth = min(depths[name], num_layers)  # above the layers counts as the top one
                 lr = self.lr * self.layer_decay ** (num_layers - depth)
             else:
                 lr = self.lr
-            decay = 0.0 if name in no_decay else self.weight_decay
+            decay = 0.0 if name in no_decay or param is grown else self.weight_decay
             groups.setdefault((lr, decay), []).append(param)
             names.setdefault((lr, decay), []).append(name)
         if not groups:

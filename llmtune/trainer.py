@@ -21,13 +21,13 @@ import torch
 from . import _card, _cpu_fast, _guard, _probe, _resume, _runtime, distributed
 from ._batching import BatchLoader, Tokenized
 from ._state import History, TrainState, plan_steps
-from ._tokens import aggregate, warn_if_unreadable
+from ._tokens import UNREADABLE, aggregate, unknown_share, warn_if_unreadable
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar, notify_on_exception
 from .data import DatasetAdapter
 from .errors import ConfigError, DataError, TrainingError
 from .objectives import Objective
 from .optim import OptimizerFactory
-from .tuning import FeatureLoader, encoder_frozen
+from .tuning import FeatureLoader, Full, encoder_frozen
 
 __all__ = ["FineTuner", "TrainState", "History"]
 
@@ -87,6 +87,10 @@ class FineTuner:
             it: on 8 examples a class the probe alone beats fine-tuning. None (default): only
             for the small runs that `min_steps` lengthens; it costs one inference pass over
             the training data.
+        extend_vocabulary: add the text the tokenizer reads as its unknown token as new
+            tokens before training (`ClassifierModel.extend_vocabulary`, logged). None
+            (default): when 5% or more of the training tokens are unknown and every weight
+            trains (no `tune()` or `Full()`); English text in an English vocabulary has ~0.1%.
 
     Example:
         >>> tuner = FineTuner(model, epochs=3, batch_size=32)  # doctest: +SKIP
@@ -117,6 +121,7 @@ class FineTuner:
         nonfinite: str = "raise",
         fast_cpu: bool = True,
         probe: bool | None = None,
+        extend_vocabulary: bool | None = None,
     ) -> None:
         if epochs is not None and epochs < 1 and max_steps is None:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
@@ -126,6 +131,7 @@ class FineTuner:
             raise ConfigError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.model = model
         self.probe = probe
+        self.extend_vocabulary = extend_vocabulary
         self.probe_metrics: dict[str, float] | None = None  # the probed head's validation metrics
         self.objective = objective or Objective.for_task(model.task)
         if self.objective.task != model.task:
@@ -186,6 +192,45 @@ class FineTuner:
 
     # -- the loop -----------------------------------------------------------------------
 
+    def train_loader(self, train: DatasetAdapter) -> BatchLoader:
+        """Shuffled (length-grouped) training batches, this rank's share under data parallelism."""
+        return train.loader(
+            self.model.tokenizer,
+            batch_size=self.batch_size // self.grad_accum,
+            max_length=self.model.max_length,
+            stride=getattr(self.model, "stride", None),
+            shuffle=True,
+            group_by_length=self.group_by_length,
+            seed=self.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            pad_multiple=_runtime.pad_multiple(self.device),
+        )
+
+    def grow_vocabulary(self, loader: BatchLoader, train: DatasetAdapter) -> list[str]:
+        """`extend_vocabulary` on the training data where the setting asks for it; the tokens added."""
+        model = self.model
+        share = unknown_share(loader.data.input_ids, model.tokenizer)
+        wanted = self.extend_vocabulary
+        if wanted is None:
+            every_weight = getattr(model, "tuning", None) is None or isinstance(model.tuning, Full)
+            wanted = every_weight and share is not None and share >= UNREADABLE
+        if not wanted or not hasattr(model, "extend_vocabulary"):
+            return []
+        added = model.extend_vocabulary(train)
+        if added:
+            logger.warning(
+                "%.0f%% of the tokens of %s are the unknown token %r: added %d tokens the training "
+                "text has at least twice (e.g. %s) to the vocabulary, with new embedding rows that "
+                "train at the head's LR (FineTuner(extend_vocabulary=False) keeps the vocabulary)",
+                100 * (share or 0),
+                train.source,
+                model.tokenizer.unk_token,
+                len(added),
+                " ".join(added[:8]),
+            )
+        return added
+
     @notify_on_exception  # callbacks release what they hold (a checkpoint directory's lock)
     def fit(
         self,
@@ -214,18 +259,9 @@ class FineTuner:
         self.dist, self.device = distributed.setup(self.device)
         model = self.model.to(self.device)
         _runtime.seed_everything(self.seed)
-        loader = train.loader(
-            model.tokenizer,
-            batch_size=self.batch_size // self.grad_accum,
-            max_length=model.max_length,
-            stride=getattr(model, "stride", None),
-            shuffle=True,
-            group_by_length=self.group_by_length,
-            seed=self.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            pad_multiple=_runtime.pad_multiple(self.device),
-        )
+        loader = self.train_loader(train)
+        if self.grow_vocabulary(loader, train):
+            loader = self.train_loader(train)  # the text again, through the grown vocabulary
         warn_if_unreadable(loader.data.input_ids, model.tokenizer, train.source)
         mean = _probe.start_at_mean(model, loader.data.text_labels) if resume_from is None else None
         if mean is not None:

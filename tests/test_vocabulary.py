@@ -1,0 +1,157 @@
+"""Growing the vocabulary by the text the tokenizer reads as unknown (`extend_vocabulary`)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from families import FAMILIES, tiny_backbone
+
+from llmtune import ClassifierModel, ConfigError, DatasetAdapter, FineTuner, HeadOnly, OptimizerFactory
+from llmtune._vocabulary import unknown_spans
+
+# The label is carried by characters the test tokenizer reads as [UNK] only: without new
+# tokens "好" and "差" are the same token, and nothing can be learned.
+GOOD, BAD = ["很好", "好极了", "真好"], ["很差", "差极了", "真差"]
+
+
+def unreadable_task(n: int = 48) -> DatasetAdapter:
+    texts = [f"the film {(GOOD if i % 2 == 0 else BAD)[i % 3]}" for i in range(n)]
+    return DatasetAdapter.from_lists(texts, ["pos", "neg"] * (n // 2), source="reviews")
+
+
+def embedding_of(model: ClassifierModel) -> torch.Tensor:
+    return model.encoder.get_input_embeddings().weight
+
+
+def test_unknown_spans_are_the_unread_characters_seen_often_enough(tokenizer):
+    texts = ["好 good 好", "差 bad", "好 film 差", "乐"]
+    assert unknown_spans(tokenizer, texts, min_count=2) == ["好", "差"]  # 3 and 2 times; 乐 once
+    assert unknown_spans(tokenizer, texts, min_count=1) == ["好", "差", "乐"]
+    assert unknown_spans(tokenizer, ["good film", "bad plot"]) == []
+
+
+def test_a_vocabulary_without_an_unknown_token_has_nothing_to_add(tokenizer):
+    byte_level = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer)
+    byte_level.unk_token = None
+    assert unknown_spans(byte_level, ["好好"] * 3) == []
+
+
+def test_a_slow_tokenizer_is_refused_by_name(make_model):
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ConfigError, match="fast tokenizer"):
+        unknown_spans(Slow(), ["好"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_grows_its_embedding_and_reads_the_new_tokens(family, tokenizer):
+    model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=["neg", "pos"])
+    before = embedding_of(model).detach().clone()
+    assert model.extend_vocabulary(unreadable_task()) == ["好", "差", "了", "很", "极", "真"]  # by count
+    grown = embedding_of(model)
+    assert grown.shape == (before.shape[0] + 6, before.shape[1])
+    assert torch.equal(grown[: before.shape[0]], before)
+    new = grown[before.shape[0] :]
+    assert torch.cdist(new, new).add(torch.eye(6)).min() > 0  # distinct rows: the probe tells them apart
+    assert model.tokenizer is not tokenizer and len(tokenizer) == before.shape[0]  # a copy grew
+    ids = model.tokenizer("很好 很差", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and max(ids) >= before.shape[0]
+    logits = model.logits(["the film 很好", "the film 很差"], precision="fp32")
+    assert not np.allclose(logits[0], logits[1])  # before, both were [UNK] [UNK]
+
+
+@pytest.mark.parametrize("fast_cpu", [True, False])
+def test_training_moves_the_new_rows_only_and_learns_what_only_they_carry(make_model, fast_cpu):
+    data = unreadable_task()
+    options = dict(epochs=15, batch_size=8, probe=True, progress=False)
+    kept = FineTuner(make_model(), extend_vocabulary=False, **options)
+    kept.fit(data)
+    assert kept.evaluate(data)["accuracy"] == pytest.approx(0.5)  # "好" and "差" both [UNK]
+
+    model = make_model()
+    before = embedding_of(model).detach().clone()
+    rows = before.shape[0]
+    tuner = FineTuner(model, fast_cpu=fast_cpu, **options)
+    tuner.fit(data)
+    after = embedding_of(model).detach()
+    assert torch.equal(after[:rows], before)  # the pretrained rows are held by the mask
+    drawn = embedding_of(_grown_copy(make_model, data)).detach()[rows:]
+    assert not torch.allclose(after[rows:], drawn)  # the new ones trained
+    assert tuner.evaluate(data)["accuracy"] > 0.75  # 1.0 with the fast paths, 0.83 without
+    groups = {tuple(g["param_names"]): g for g in tuner.state.optimizer.param_groups}
+    (group,) = [g for names, g in groups.items() if "encoder.embeddings.word_embeddings.weight" in names]
+    assert group["initial_lr"] == 1e-3 and group["weight_decay"] == 0.0  # the head's LR, no decay
+
+
+def _grown_copy(make_model, data: DatasetAdapter) -> ClassifierModel:
+    """The same model with the same vocabulary grown, untrained: the rows as drawn."""
+    model = make_model()
+    model.extend_vocabulary(data)
+    return model
+
+
+def test_fit_grows_the_vocabulary_of_unreadable_text_and_says_so(make_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        FineTuner(make_model(), max_steps=1, progress=False).fit(unreadable_task())
+    assert "of the tokens of reviews are the unknown token '[UNK]': added 6 tokens" in caplog.text
+    assert "extend_vocabulary=False" in caplog.text
+    assert "multilingual" not in caplog.text  # after the new tokens the text is readable
+
+
+def test_fit_leaves_the_vocabulary_of_readable_text_and_of_frozen_encoders(make_model, tokenizer):
+    readable = DatasetAdapter.from_lists(["good movie", "bad movie"] * 8, ["pos", "neg"] * 8)
+    model = make_model()
+    FineTuner(model, max_steps=1, progress=False).fit(readable)
+    assert embedding_of(model).shape[0] == len(tokenizer)
+    frozen = make_model().tune(HeadOnly())  # features are cached: new rows could not train
+    FineTuner(frozen, max_steps=1, progress=False).fit(unreadable_task())
+    assert embedding_of(frozen).shape[0] == len(tokenizer)
+    with pytest.raises(ConfigError, match="before tune"):
+        frozen.extend_vocabulary(unreadable_task())
+
+
+def test_a_grown_model_saves_and_loads_to_the_same_logits(make_model, tmp_path):
+    model = _grown_copy(make_model, unreadable_task())
+    FineTuner(model, max_steps=3, progress=False, optimizer=OptimizerFactory.adamw()).fit(unreadable_task())
+    model.save_pretrained(tmp_path / "m")
+    loaded = ClassifierModel.from_pretrained(tmp_path / "m")
+    texts = ["the film 很好", "真差"]
+    np.testing.assert_array_equal(
+        loaded.logits(texts, precision="fp32"), model.logits(texts, precision="fp32")
+    )
+
+
+def test_a_grown_run_resumes_from_its_checkpoint_to_the_same_weights(make_model, tmp_path, caplog):
+    from test_checkpoint import assert_same_weights, make_tuner, weights
+
+    train = unreadable_task(32)  # batch 8: checkpoints at steps 3, 4, 6, 8
+    model = make_model()
+    make_tuner(model, tmp_path / "a").fit(train)
+    expected = weights(model)
+    fresh = make_model()  # the pretrained vocabulary: fit grows it the same way before resuming
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        make_tuner(fresh, tmp_path / "b").fit(train, resume_from=tmp_path / "a" / "step-00000003")
+    assert "tokenizer.vocab" not in caplog.text  # the same grown vocabulary as the checkpoint's
+    assert_same_weights(weights(fresh), expected)
+
+
+def test_a_padded_large_vocabulary_takes_the_new_ids_in_its_spare_rows(tokenizer):
+    # Qwen2-style: more embedding rows than tokens, and 100,000 or more of them (frozen by default).
+    from llmtune.model import LARGE_VOCABULARY
+
+    model = ClassifierModel(tiny_backbone("bert", LARGE_VOCABULARY), tokenizer, labels=["neg", "pos"])
+    assert not embedding_of(model).requires_grad
+    before = embedding_of(model).detach().clone()
+    added = model.extend_vocabulary(unreadable_task())
+    ids = model.tokenizer.convert_tokens_to_ids(added)
+    assert ids == list(range(len(tokenizer), len(tokenizer) + 6))
+    weight = embedding_of(model)
+    assert weight.shape == before.shape and weight.requires_grad  # no resize; the rows train now
+    assert not torch.equal(weight[ids], before[ids])
+    weight.sum().backward()
+    assert weight.grad[ids].abs().min() > 0
+    assert weight.grad.abs().sum() == weight.grad[ids].abs().sum()  # nothing else moves
