@@ -63,6 +63,8 @@ CONTENDERS = (
     "llmtune-probe",
     "llmtune-lr1e-4",
     "llmtune-batch8",
+    "llmtune-trainer-regime",
+    "llmtune-keep-vocab",
     "mean",
     # Rows recorded before a new regression head started at the targets' mean (its bias at
     # zero); the code that made them is gone, the rows stay to show what the change did.
@@ -229,6 +231,18 @@ RUNNERS = {
     "llmtune-lr1e-4": lambda *a: run_llmtune(*a, optimizer=OptimizerFactory.adamw(lr=1e-4)),
     # The Trainer's batch of 8 (four times the optimizer steps), where the Trainer leads by tenths.
     "llmtune-batch8": lambda *a: run_llmtune(*a, batch_size=8),
+    # The Trainer's whole regime inside llmtune: batch 8, 3 epochs, fp32, no probe, one LR of
+    # 5e-5 for encoder and head, no weight decay, no warmup, linear decay.
+    "llmtune-trainer-regime": lambda *a: run_llmtune(
+        *a,
+        batch_size=8,
+        epochs=3,
+        precision="fp32",
+        probe=False,
+        optimizer=OptimizerFactory.adamw(head_lr=None, weight_decay=0.0),
+    ),
+    # The defaults before they grew the vocabulary of text the tokenizer reads as unknown.
+    "llmtune-keep-vocab": lambda *a: run_llmtune(*a, extend_vocabulary=False),
     "tfidf-lr": run_tfidf,
     "hf-trainer": run_trainer,
     "setfit": run_setfit,

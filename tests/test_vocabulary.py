@@ -31,6 +31,9 @@ def test_unknown_spans_are_the_unread_characters_seen_often_enough(tokenizer):
     assert unknown_spans(tokenizer, texts, min_count=2) == ["好", "差"]  # 3 and 2 times; 乐 once
     assert unknown_spans(tokenizer, texts, min_count=1) == ["好", "差", "乐"]
     assert unknown_spans(tokenizer, ["good film", "bad plot"]) == []
+    # Adjacent unknown characters seen 5 times or more are a token too (a Chinese word).
+    assert unknown_spans(tokenizer, ["很好看"] * 5 + ["真 好"]) == ["好", "很", "看", "好看", "很好"]
+    assert "很好" not in unknown_spans(tokenizer, ["很好看"] * 4)
 
 
 def test_a_vocabulary_without_an_unknown_token_has_nothing_to_add(tokenizer):
@@ -51,12 +54,14 @@ def test_a_slow_tokenizer_is_refused_by_name(make_model):
 def test_every_family_grows_its_embedding_and_reads_the_new_tokens(family, tokenizer):
     model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=["neg", "pos"])
     before = embedding_of(model).detach().clone()
-    assert model.extend_vocabulary(unreadable_task()) == ["好", "差", "了", "很", "极", "真"]  # by count
+    added = model.extend_vocabulary(unreadable_task())
+    assert added[:6] == ["好", "差", "了", "很", "极", "真"]  # characters by count, then the pairs
+    assert sorted(added[6:]) == sorted(["很好", "好极", "极了", "真好", "很差", "差极", "真差"])
     grown = embedding_of(model)
-    assert grown.shape == (before.shape[0] + 6, before.shape[1])
+    assert grown.shape == (before.shape[0] + 13, before.shape[1])
     assert torch.equal(grown[: before.shape[0]], before)
     new = grown[before.shape[0] :]
-    assert torch.cdist(new, new).add(torch.eye(6)).min() > 0  # distinct rows: the probe tells them apart
+    assert torch.cdist(new, new).add(torch.eye(13)).min() > 0  # distinct rows: the probe tells them apart
     assert model.tokenizer is not tokenizer and len(tokenizer) == before.shape[0]  # a copy grew
     ids = model.tokenizer("很好 很差", add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids and max(ids) >= before.shape[0]
@@ -97,7 +102,7 @@ def _grown_copy(make_model, data: DatasetAdapter) -> ClassifierModel:
 def test_fit_grows_the_vocabulary_of_unreadable_text_and_says_so(make_model, caplog):
     with caplog.at_level(logging.WARNING, logger="llmtune"):
         FineTuner(make_model(), max_steps=1, progress=False).fit(unreadable_task())
-    assert "of the tokens of reviews are the unknown token '[UNK]': added 6 tokens" in caplog.text
+    assert "of the tokens of reviews are the unknown token '[UNK]': added 13 tokens" in caplog.text
     assert "extend_vocabulary=False" in caplog.text
     assert "multilingual" not in caplog.text  # after the new tokens the text is readable
 
@@ -148,7 +153,7 @@ def test_a_padded_large_vocabulary_takes_the_new_ids_in_its_spare_rows(tokenizer
     before = embedding_of(model).detach().clone()
     added = model.extend_vocabulary(unreadable_task())
     ids = model.tokenizer.convert_tokens_to_ids(added)
-    assert ids == list(range(len(tokenizer), len(tokenizer) + 6))
+    assert ids == list(range(len(tokenizer), len(tokenizer) + 13))
     weight = embedding_of(model)
     assert weight.shape == before.shape and weight.requires_grad  # no resize; the rows train now
     assert not torch.equal(weight[ids], before[ids])
