@@ -154,24 +154,32 @@ def unknown_share(input_ids: np.ndarray, tokenizer: Any) -> float | None:
     return float(np.count_nonzero(input_ids[text] == unk)) / count if count else None
 
 
-def warn_if_unreadable(input_ids: np.ndarray, tokenizer: Any, source: str) -> float | None:
+def warn_if_unreadable(
+    input_ids: np.ndarray, tokenizer: Any, source: str, grown: bool = False
+) -> float | None:
     """Log a warning when `UNREADABLE` or more of the tokens are unknown; returns the share.
 
     A model fed mostly `[UNK]` trains without error and learns little (all-MiniLM-L6-v2 on
     Chinese reviews: 64% unknown, 0.708 test accuracy against 0.852 for TF-IDF), so this says
     so before training, not after. `fit` first grows the vocabulary where it may
-    (`FineTuner(extend_vocabulary=)`); this speaks for what is left unknown after that.
+    (`FineTuner(extend_vocabulary=)`, then `grown`); this speaks for what is left unknown.
     """
     share = unknown_share(input_ids, tokenizer)
     if share is not None and share >= UNREADABLE:
+        remedy = (
+            "the rest is text seen once in the training data"
+            if grown
+            else "or model.extend_vocabulary(train), before tune(), adds it as new tokens"
+        )
         logger.warning(
-            "%.0f%% of the tokens of %s are the unknown token %r of tokenizer %r: the model cannot "
-            "read most of this text (another language or script than its vocabulary?). A "
-            "multilingual encoder reads it, e.g. llmtune.offline.model_path('multilingual-e5-small'); "
-            "or model.extend_vocabulary(train), before tune(), adds it as new tokens.",
+            "%.0f%% of the tokens of %s are the unknown token %r of tokenizer %r%s: the model cannot "
+            "read this text (another language or script than its vocabulary?). A multilingual "
+            "encoder reads it, e.g. llmtune.offline.model_path('multilingual-e5-small'); %s.",
             100 * share,
             source,
             tokenizer.unk_token,
             tokenizer.name_or_path,
+            " after the new tokens" if grown else "",
+            remedy,
         )
     return share

@@ -260,9 +260,10 @@ class FineTuner:
         model = self.model.to(self.device)
         _runtime.seed_everything(self.seed)
         loader = self.train_loader(train)
-        if self.grow_vocabulary(loader, train):
+        grown = bool(self.grow_vocabulary(loader, train))
+        if grown:
             loader = self.train_loader(train)  # the text again, through the grown vocabulary
-        warn_if_unreadable(loader.data.input_ids, model.tokenizer, train.source)
+        warn_if_unreadable(loader.data.input_ids, model.tokenizer, train.source, grown)
         mean = _probe.start_at_mean(model, loader.data.text_labels) if resume_from is None else None
         if mean is not None:
             logger.info("the new regression head starts at the training targets' mean %s", mean)

@@ -107,6 +107,19 @@ def test_fit_grows_the_vocabulary_of_unreadable_text_and_says_so(make_model, cap
     assert "multilingual" not in caplog.text  # after the new tokens the text is readable
 
 
+def test_what_stays_unknown_after_growing_is_still_named(make_model, caplog):
+    rare = [f"好 film {chr(0x4E00 + i)}" for i in range(16)]  # 好 16 times, the others once
+    data = DatasetAdapter.from_lists(rare, ["pos", "neg"] * 8, source="rare")
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        FineTuner(make_model(), max_steps=1, progress=False).fit(data)
+    assert "added 1 tokens" in caplog.text
+    assert (
+        "of the tokens of rare are the unknown token '[UNK]' of tokenizer '' after the new tokens"
+        in caplog.text
+    )
+    assert "seen once" in caplog.text
+
+
 def test_fit_leaves_the_vocabulary_of_readable_text_and_of_frozen_encoders(make_model, tokenizer):
     readable = DatasetAdapter.from_lists(["good movie", "bad movie"] * 8, ["pos", "neg"] * 8)
     model = make_model()
