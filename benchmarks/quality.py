@@ -65,6 +65,8 @@ CONTENDERS = (
     "llmtune-batch8",
     "llmtune-trainer-regime",
     "llmtune-keep-vocab",
+    # Rows of the grown vocabulary's first version, the unknown characters alone (no pairs).
+    "llmtune-characters",
     "mean",
     # Rows recorded before a new regression head started at the targets' mean (its bias at
     # zero); the code that made them is gone, the rows stay to show what the change did.
