@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--nan-at", default=None, help="RANK:CALL: that rank's CALL-th forward gives NaN")
     parser.add_argument("--nonfinite", default="raise")
     parser.add_argument("--probe", action="store_true", help="fit the head on frozen features first")
+    parser.add_argument("--unknown", action="store_true", help="text the tokenizer cannot read: fit grows it")
     args = parser.parse_args()
 
     if args.init_group:
@@ -51,6 +52,8 @@ def main() -> None:
         torch.distributed.init_process_group(args.init_group)
 
     texts, labels = sentiment_texts(70, seed=1)
+    if args.unknown:  # the label in characters the tokenizer reads as [UNK] only
+        texts = [f"{t} {'好极了' if y == 'pos' else '差极了'}" for t, y in zip(texts, labels, strict=True)]
     train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.2, seed=0)
     torch.manual_seed(0)  # the same head on every rank and in the single-process run
     model = ClassifierModel.from_pretrained(args.model_dir, labels=train.labels)

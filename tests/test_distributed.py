@@ -70,6 +70,20 @@ def test_the_probe_under_ddp_equals_one_process(no_dropout_dir, tmp_path):
         assert ddp["probe"][key] == pytest.approx(single["probe"][key], abs=1e-5), key
 
 
+def test_a_grown_vocabulary_under_ddp_equals_one_process(no_dropout_dir, tmp_path, tokenizer):
+    # Every rank grows the same vocabulary from the whole training set before the model is
+    # wrapped, and the gradient mask acts before DDP averages the gradients.
+    run(no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", "--unknown", procs=2)
+    run(no_dropout_dir, tmp_path / "single", "--batch-size", "8", "--unknown")
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single")
+    embedding = load_file(tmp_path / "ddp" / "weights.safetensors")[
+        "encoder.embeddings.word_embeddings.weight"
+    ]
+    original = load_file(no_dropout_dir / "model.safetensors")["embeddings.word_embeddings.weight"]
+    assert embedding.shape[0] > original.shape[0] == len(tokenizer)
+    assert (embedding[: len(tokenizer)] == original).all()  # the pretrained rows held under DDP too
+
+
 def test_checkpoints_cross_between_ddp_and_one_process(no_dropout_dir, tmp_path):
     # Both runs save every 3 steps; each resumes from the other's step 3 and must end where an
     # unbroken run ends (the DDP run itself equals the single-process one).
