@@ -81,6 +81,18 @@ def test_a_merged_lora_model_exports(model_dir, tmp_path):
     np.testing.assert_allclose(llmtune_onnx.load(tmp_path / "onnx").outputs(TEXTS), before, atol=1e-4)
 
 
+def test_a_grown_vocabulary_exports_and_reads_its_new_tokens(tokenizer, tmp_path):
+    model = build(tokenizer, "bert", "classification")
+    chinese = ["the film 很好", "真差 plot", "很好看", "太差了"] * 3
+    assert model.extend_vocabulary(chinese)
+    with torch.no_grad():  # trained-looking new rows: the texts' outputs differ by them
+        model.encoder.get_input_embeddings().weight[len(tokenizer) :].normal_(0, 1)
+    model.export_onnx(tmp_path / "onnx")
+    outputs = llmtune_onnx.load(tmp_path / "onnx").outputs(chinese[:4])
+    np.testing.assert_allclose(outputs, reference(model, chinese[:4]), atol=1e-4)
+    assert not np.allclose(outputs[0], outputs[1])
+
+
 def test_a_decoder_exports_with_left_padding(tokenizer, tmp_path):
     tokenizer = _left(tokenizer)  # the session's tokenizer stays right-padded
     model = build(tokenizer, "llama", "classification")
