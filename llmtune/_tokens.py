@@ -154,17 +154,14 @@ def unknown_share(input_ids: np.ndarray, tokenizer: Any) -> float | None:
     return float(np.count_nonzero(input_ids[text] == unk)) / count if count else None
 
 
-def warn_if_unreadable(
-    input_ids: np.ndarray, tokenizer: Any, source: str, grown: bool = False
-) -> float | None:
-    """Log a warning when `UNREADABLE` or more of the tokens are unknown; returns the share.
+def warn_if_unreadable(share: float | None, tokenizer: Any, source: str, grown: bool = False) -> None:
+    """Log a warning when `share` (`unknown_share` of the training tokens) is `UNREADABLE` or more.
 
     A model fed mostly `[UNK]` trains without error and learns little (all-MiniLM-L6-v2 on
     Chinese reviews: 64% unknown, 0.708 test accuracy against 0.852 for TF-IDF), so this says
     so before training, not after. `fit` first grows the vocabulary where it may
     (`FineTuner(extend_vocabulary=)`, then `grown`); this speaks for what is left unknown.
     """
-    share = unknown_share(input_ids, tokenizer)
     if share is not None and share >= UNREADABLE:
         remedy = (
             "the rest is text seen once in the training data"
@@ -182,4 +179,3 @@ def warn_if_unreadable(
             " after the new tokens" if grown else "",
             remedy,
         )
-    return share

@@ -25,6 +25,14 @@ from .errors import ConfigError
 PAIR_MIN_COUNT = 5  # adjacent unknown stretches become one token too from this many times
 
 
+def may_grow(model: nn.Module) -> bool:
+    """Whether new rows of `model` would train: no `tune()`, or `Full()` (the others freeze them)."""
+    from .tuning import Full  # tuning imports the model, which imports this module
+
+    tuning = getattr(model, "tuning", None)
+    return tuning is None or isinstance(tuning, Full)
+
+
 def unknown_spans(tokenizer: Any, texts: Sequence[str], min_count: int = 2) -> list[str]:
     """The stretches of `texts` the tokenizer reads as its unknown token, most frequent first,
     then the pairs of adjacent ones seen `PAIR_MIN_COUNT` times or more.

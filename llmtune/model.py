@@ -368,16 +368,15 @@ class ClassifierModel(Inference, nn.Module):
             ConfigError: the tokenizer is not a fast one, the input embedding is not an
                 `nn.Embedding`, or a strategy other than `Full()` was applied already.
         """
-        from .tuning import Full
-
-        if self.tuning is not None and not isinstance(self.tuning, Full):
+        if not _vocabulary.may_grow(self):
             raise ConfigError(
                 f"extend_vocabulary after tune({type(self.tuning).__name__}(...)): the new rows would "
                 "not train; call it before tune()"
             )
-        texts = list(data) if not hasattr(data, "dataset") else list(data.dataset["text"])
-        if hasattr(data, "dataset") and data.has_pairs:
-            texts += list(data.dataset["text_pair"])
+        if hasattr(data, "dataset"):  # a DatasetAdapter: both texts of a pair
+            texts = list(data.dataset["text"]) + (list(data.dataset["text_pair"]) if data.has_pairs else [])
+        else:
+            texts = list(data)
         spans = _vocabulary.unknown_spans(self.tokenizer, texts, min_count)
         if not spans:
             return []

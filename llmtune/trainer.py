@@ -22,12 +22,13 @@ from . import _card, _cpu_fast, _guard, _probe, _resume, _runtime, distributed
 from ._batching import BatchLoader, Tokenized
 from ._state import History, TrainState, plan_steps
 from ._tokens import UNREADABLE, aggregate, unknown_share, warn_if_unreadable
+from ._vocabulary import may_grow
 from .callbacks import EVENTS, Callback, KeepBest, ProgressBar, notify_on_exception
 from .data import DatasetAdapter
 from .errors import ConfigError, DataError, TrainingError
 from .objectives import Objective
 from .optim import OptimizerFactory
-from .tuning import FeatureLoader, Full, encoder_frozen
+from .tuning import FeatureLoader, encoder_frozen
 
 __all__ = ["FineTuner", "TrainState", "History"]
 
@@ -207,14 +208,14 @@ class FineTuner:
             pad_multiple=_runtime.pad_multiple(self.device),
         )
 
-    def grow_vocabulary(self, loader: BatchLoader, train: DatasetAdapter) -> list[str]:
-        """`extend_vocabulary` on the training data where the setting asks for it; the tokens added."""
+    def grow_vocabulary(self, train: DatasetAdapter, share: float | None) -> list[str]:
+        """`extend_vocabulary` on the training data where the setting asks for it; the tokens added.
+
+        `share` is `unknown_share` of the training tokens through the vocabulary as it is."""
         model = self.model
-        share = unknown_share(loader.data.input_ids, model.tokenizer)
         wanted = self.extend_vocabulary
         if wanted is None:
-            every_weight = getattr(model, "tuning", None) is None or isinstance(model.tuning, Full)
-            wanted = every_weight and share is not None and share >= UNREADABLE
+            wanted = may_grow(model) and share is not None and share >= UNREADABLE
         if not wanted or not hasattr(model, "extend_vocabulary"):
             return []
         added = model.extend_vocabulary(train)
@@ -260,10 +261,12 @@ class FineTuner:
         model = self.model.to(self.device)
         _runtime.seed_everything(self.seed)
         loader = self.train_loader(train)
-        grown = bool(self.grow_vocabulary(loader, train))
+        share = unknown_share(loader.data.input_ids, model.tokenizer)
+        grown = bool(self.grow_vocabulary(train, share))
         if grown:
             loader = self.train_loader(train)  # the text again, through the grown vocabulary
-        warn_if_unreadable(loader.data.input_ids, model.tokenizer, train.source, grown)
+            share = unknown_share(loader.data.input_ids, model.tokenizer)
+        warn_if_unreadable(share, model.tokenizer, train.source, grown)
         mean = _probe.start_at_mean(model, loader.data.text_labels) if resume_from is None else None
         if mean is not None:
             logger.info("the new regression head starts at the training targets' mean %s", mean)
