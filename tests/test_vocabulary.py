@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import task_data
 from families import FAMILIES, tiny_backbone
 
 from llmtune import ClassifierModel, ConfigError, DatasetAdapter, FineTuner, HeadOnly, OptimizerFactory
@@ -97,6 +98,23 @@ def _grown_copy(make_model, data: DatasetAdapter) -> ClassifierModel:
     model = make_model()
     model.extend_vocabulary(data)
     return model
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_the_other_tasks_grow_the_vocabulary_and_train_only_the_new_rows(make_model, task):
+    base = task_data(task, n=32)
+    texts = [f"{t} {'好极了' if i % 2 else '差极了'}" for i, t in enumerate(base.dataset["text"])]
+    if task == "multilabel":  # the rows' names back from their 0/1 vectors
+        labels = [[base.labels[j] for j, on in enumerate(row) if on] for row in base.dataset["label"]]
+    else:
+        labels = list(base.dataset["label"])
+    data = DatasetAdapter.from_lists(texts, labels, task=task)
+    model = make_model(labels=base.labels or (), task=task)
+    before = embedding_of(model).detach().clone()
+    FineTuner(model, max_steps=4, batch_size=8, progress=False).fit(data)
+    after = embedding_of(model).detach()
+    assert after.shape[0] > before.shape[0]
+    assert torch.equal(after[: before.shape[0]], before)
 
 
 def test_fit_grows_the_vocabulary_of_unreadable_text_and_says_so(make_model, caplog):
