@@ -59,7 +59,9 @@ def unknown_spans(tokenizer: Any, texts: Sequence[str], min_count: int = 2) -> l
     unk = tokenizer.unk_token_id
     if unk is None:
         return []  # byte-level vocabularies read any text
-    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: these ids are counted, never fed to the model, so a text past the model's
+    # maximum length is no "indexing error".
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     singles: Counter[str] = Counter()
     pairs: Counter[str] = Counter()
     for text, ids, offsets in zip(texts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
@@ -85,7 +87,7 @@ def context_coordinates(
     is a random draw.
     """
     out = _draws(len(ids), dim, seed)
-    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    rows = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     flat = torch.tensor([i for row in rows for i in row], dtype=torch.long)
     if flat.numel() < 2:
         return out
@@ -168,16 +170,22 @@ def add_rows(
 def _masker(trainable: torch.Tensor):
     """A gradient hook that zeroes the pretrained rows' gradient, dense or sparse (CPU fast path)."""
 
+    copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # one copy per device, not per step
+
+    def on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if (device, dtype) not in copies:
+            copies[device, dtype] = trainable.to(device, dtype)
+        return copies[device, dtype]
+
     def mask(grad: torch.Tensor) -> torch.Tensor:
-        keep = trainable.to(grad.device)
         if grad.is_sparse:
             grad = grad.coalesce()
-            rows = keep[grad.indices()[0]]
+            rows = on(grad.device, torch.bool)[grad.indices()[0]]
             indices, values = grad.indices()[:, rows], grad.values()[rows]
             return torch.sparse_coo_tensor(
                 indices, values, grad.shape, check_invariants=False, is_coalesced=True
             )
-        return grad * keep[:, None].to(grad.dtype)
+        return grad * on(grad.device, grad.dtype)[:, None]
 
     return mask
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -93,6 +94,21 @@ def test_new_rows_start_by_their_contexts_on_small_training_sets_only(make_model
     drawn = torch.randn(len(ids), old.shape[1], generator=torch.Generator().manual_seed(5))
     assert torch.allclose(embedding_of(model)[ids], old.mean(0) + drawn * old.std(0))
     assert not torch.allclose(placed, drawn)
+
+
+def test_counting_text_longer_than_the_model_reads_warns_of_nothing(tokenizer, caplog):
+    # The ids are counted, never fed to the model: no "indexing errors" warning from transformers.
+    short = copy.deepcopy(tokenizer)
+    short.model_max_length, short.deprecation_warnings = 4, {}
+    texts = ["好 good film 差 bad plot 好 差"] * 3
+    library = logging.getLogger("transformers")
+    library.addHandler(caplog.handler)
+    try:
+        assert unknown_spans(short, texts) == ["好", "差"]
+        context_coordinates(short, texts, short.convert_tokens_to_ids(["good", "bad"]), dim=2, seed=0)
+    finally:
+        library.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "maximum sequence length" in r.getMessage()]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
