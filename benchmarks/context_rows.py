@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     encoder, _ = quality.encoder_choice("minilm")
     extra = {"max_length": 128}
     for seed in args.seeds:
-        train = quality.sample(pool, args.size, seed)
-        val = quality.sample(val_pool, args.size if args.size in ("8", "64") else "1000", seed, cap=1000)
+        train, val = quality.draws(pool, val_pool, args.size, seed)
         for arm in [*ARMS, "tfidf"]:
             start = time.perf_counter()
             if arm == "tfidf":

@@ -113,6 +113,14 @@ def sample(data: DatasetAdapter, size: str, seed: int, cap: int | None = None) -
     return data.select(np.sort(picked))
 
 
+def draws(
+    pool: DatasetAdapter, val_pool: DatasetAdapter, size: str, seed: int, cap: int | None = None
+) -> tuple[DatasetAdapter, DatasetAdapter]:
+    """The training sample and its validation sample for one size and seed, as every contender gets them."""
+    train = sample(pool, size, seed, cap)
+    return train, sample(val_pool, size if size in ("8", "64") else "1000", seed, cap=1000)
+
+
 # -- contenders -----------------------------------------------------------------------------
 
 
@@ -313,8 +321,7 @@ def main(argv: list[str] | None = None) -> Path:
         for size in args.sizes:
             for seed in range(args.seeds):
                 cap = args.full_cap if size == "full" else None
-                train = sample(pool, size, seed, cap)
-                val = sample(val_pool, size if size in ("8", "64") else "1000", seed, cap=1000)
+                train, val = draws(pool, val_pool, size, seed, cap)
                 for contender in args.contenders:
                     key = (data_name, name, size, contender, seed)
                     if key in done or not APPLIES.get(contender, lambda *_: True)(task, size):

@@ -147,8 +147,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     pool, val_pool, test = quality.fixed_splits(quality.LOADERS["tweets"]())
-    train = quality.sample(pool, "full", args.seed, cap=8000)
-    val = quality.sample(val_pool, "1000", args.seed, cap=1000)
+    train, val = quality.draws(pool, val_pool, "full", args.seed, cap=8000)
     per_epoch = []
 
     class TestEachEpoch(Callback):
