@@ -1,0 +1,222 @@
+"""Levers tried against llmtune's defaults and not kept, one at a time on quality.py's draws.
+
+Each lever patches one thing for the run and is otherwise quality.py's `run_llmtune`; the
+figures in docs/quality.md ("Tried since (thirteenth session)", the Trainer paragraph of the
+e5 section, the regression section) come from these arms:
+
+    python benchmarks/levers.py rows-near-mean --data reviews-zh --encoder minilm --size 1000
+    python benchmarks/levers.py rows-lr-0.3 --data reviews-zh --encoder minilm --size 64
+    python benchmarks/levers.py mixed-pairs --data reviews-zh --encoder minilm --size 1000
+    python benchmarks/levers.py known-neighbours --data reviews-zh --encoder minilm --size 1000
+    python benchmarks/levers.py cls --data reviews-zh --encoder e5 --size 1000
+    python benchmarks/levers.py random-pooler --data reviews-zh --encoder e5 --size 1000
+    python benchmarks/levers.py random-pooler --data tweets --size full
+    python benchmarks/levers.py mean-hidden --data tweets --size full --seeds 0
+    python benchmarks/levers.py sparse-restore --data confidence --size 8 --seeds 0 1 2 3 4 5 6 7 8 9
+
+Chinese reviews run at max length 128, as quality.py's rows for them. Prints one JSON line a
+seed (test scores, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from llmtune import ClassifierModel, KeepBest, OptimizerFactory  # noqa: E402
+from llmtune import _vocabulary as vocabulary  # noqa: E402
+
+
+def single_characters(tokenizer, texts):
+    """Per text: (text, [(is unknown, id, start, end)]) of its non-blank tokens."""
+    unk = tokenizer.unk_token_id
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    for text, ids, offsets in zip(texts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        yield text, [(i == unk, i, a, b) for i, (a, b) in zip(ids, offsets, strict=True) if text[a:b].strip()]
+
+
+def mixed_spans(tokenizer, texts, min_count=2):
+    """`unknown_spans`, with pairs of an unknown character and a known one-character token (不错)."""
+    singles, pairs = Counter(), Counter()
+    for text, items in single_characters(tokenizer, texts):
+        singles.update(text[a:b].strip() for u, _, a, b in items if u)
+        for (u1, _, a1, b1), (u2, _, a2, b2) in zip(items, items[1:]):
+            one = [u or (b - a == 1 and text[a].isalnum()) for u, a, b in ((u1, a1, b1), (u2, a2, b2))]
+            if b1 == a2 and (u1 or u2) and all(one):
+                pairs[text[a1:b2]] += 1
+    return [
+        *sorted((s for s, n in singles.items() if n >= min_count), key=lambda s: (-singles[s], s)),
+        *sorted(
+            (s for s, n in pairs.items() if n >= vocabulary.PAIR_MIN_COUNT), key=lambda s: (-pairs[s], s)
+        ),
+    ]
+
+
+def known_neighbours(tokenizer, texts, min_count=2) -> list[int]:
+    """Ids of known one-character tokens next to an unknown one (no space) `min_count` times or more."""
+    seen = Counter()
+    for text, items in single_characters(tokenizer, texts):
+        for k, (u, i, a, b) in enumerate(items):
+            if u or b - a != 1 or not text[a].isalnum():
+                continue
+            left = k > 0 and items[k - 1][0] and items[k - 1][3] == a
+            right = k + 1 < len(items) and items[k + 1][0] and items[k + 1][2] == b
+            seen[i] += left or right
+    return [i for i, n in seen.items() if n >= min_count]
+
+
+def rows_near_mean(stack: ExitStack, seed: int, train) -> dict:
+    """Random new rows at a tenth of the old rows' spread (above CONTEXT_MAX_TEXTS texts only)."""
+    draws = vocabulary._draws
+    stack.enter_context(mock.patch.object(vocabulary, "_draws", lambda n, dim, s: draws(n, dim, s) * 0.1))
+    return {}
+
+
+def rows_lr(stack: ExitStack, seed: int, train, factor: float = 0.3) -> dict:
+    """The grown embedding in its own optimizer group at `factor` times the head's LR."""
+    groups = OptimizerFactory.param_groups
+
+    def patched(self, model):
+        grown, out = vocabulary.new_rows(model), []
+        for g in groups(self, model):
+            k = next((j for j, p in enumerate(g["params"]) if p is grown), None)
+            if k is None:
+                out.append(g)
+                continue
+            out.append({**g, "params": [grown], "param_names": [g["param_names"][k]], "lr": g["lr"] * factor})
+            rest = [j for j in range(len(g["params"])) if j != k]
+            if rest:
+                names = [g["param_names"][j] for j in rest]
+                out.append({**g, "params": [g["params"][j] for j in rest], "param_names": names})
+        return out
+
+    stack.enter_context(mock.patch.object(OptimizerFactory, "param_groups", patched))
+    return {}
+
+
+def mixed_pairs(stack: ExitStack, seed: int, train) -> dict:
+    stack.enter_context(mock.patch.object(vocabulary, "unknown_spans", mixed_spans))
+    return {}
+
+
+def known_rows(stack: ExitStack, seed: int, train) -> dict:
+    """The known neighbours' rows train too, from their pretrained values (pairs as the defaults')."""
+    spans, add_rows, before = vocabulary.unknown_spans, vocabulary.add_rows, []
+
+    def remember(tokenizer, texts, min_count=2):
+        before.append(tokenizer)  # the tokenizer before extend_vocabulary's grown copy
+        return spans(tokenizer, texts, min_count)
+
+    def add(encoder, tokenizer, texts, ids, seed):
+        add_rows(encoder, tokenizer, texts, ids, seed)
+        encoder.get_input_embeddings().llmtune_new_rows[known_neighbours(before[-1], texts)] = True
+
+    stack.enter_context(mock.patch.object(vocabulary, "unknown_spans", remember))
+    stack.enter_context(mock.patch.object(vocabulary, "add_rows", add))
+    return {}
+
+
+def random_pooler(stack: ExitStack, seed: int, train, first_token: bool = True) -> dict:
+    """The Trainer's model: [CLS] (or the defaults' pooling) through dense + tanh started at random
+    (std 0.02), then the head."""
+
+    class RandomPooler(ClassifierModel):
+        @classmethod
+        def from_pretrained(cls, directory, **kwargs):
+            model = super().from_pretrained(directory, **kwargs)
+            d = model.encoder.config.hidden_size
+            model.pooler = nn.Sequential(nn.Linear(d, d), nn.Tanh())
+            torch.manual_seed(seed)
+            model.pooler[0].reset_parameters()
+            nn.init.normal_(model.pooler[0].weight, std=0.02)
+            nn.init.zeros_(model.pooler[0].bias)
+            return model
+
+        def encode(self, input_ids, attention_mask, token_type_ids=None):
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = token_type_ids
+            if not first_token:
+                return self.pooler(super().encode(input_ids, attention_mask, token_type_ids))
+            return self.pooler(self.encoder(**inputs).last_hidden_state[:, 0])
+
+    stack.enter_context(mock.patch.object(quality, "ClassifierModel", RandomPooler))
+    return {}
+
+
+class SparseKeepBest(KeepBest):
+    """Best-weights restore over the first evaluation and every k-th after it only."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def on_fit_start(self, tuner, state, **kwargs):
+        super().on_fit_start(tuner, state, **kwargs)
+        self.count = 0
+
+    def on_evaluate(self, tuner, state, **kwargs):
+        count, self.count = self.count, self.count + 1
+        if count % self.k == 0:
+            super().on_evaluate(tuner, state, **kwargs)
+
+
+def sparse_restore(stack: ExitStack, seed: int, train, candidates: int = 10) -> dict:
+    epochs = max(3, math.ceil(100 / math.ceil(len(train) / 32)))  # the defaults' plan at batch 32
+    return {"callbacks": [SparseKeepBest(max(1, math.ceil(epochs / candidates)))]}
+
+
+LEVERS = {
+    "defaults": lambda stack, seed, train: {},
+    "rows-near-mean": rows_near_mean,
+    "rows-lr-0.3": rows_lr,
+    "mixed-pairs": mixed_pairs,
+    "known-neighbours": known_rows,
+    "cls": lambda stack, seed, train: {},  # a model option, below
+    "random-pooler": random_pooler,
+    "mean-hidden": lambda stack, seed, train: random_pooler(stack, seed, train, first_token=False),
+    "sparse-restore": sparse_restore,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("lever", choices=list(LEVERS))
+    parser.add_argument("--data", default="reviews-zh", choices=list(quality.LOADERS))
+    parser.add_argument("--encoder", default="minilm")
+    parser.add_argument("--size", default="1000")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--full-cap", type=int, default=8000, help="at most this many in the 'full' size")
+    args = parser.parse_args(argv)
+    pool, val_pool, test = quality.fixed_splits(quality.LOADERS[args.data]())
+    encoder, _ = quality.encoder_choice(args.encoder)
+    extra = {"max_length": 128} if args.data == "reviews-zh" else {}
+    if args.lever == "cls":
+        extra["pooling"] = "cls"
+    for seed in args.seeds:
+        cap = args.full_cap if args.size == "full" else None
+        train, val = quality.draws(pool, val_pool, args.size, seed, cap)
+        start = time.perf_counter()
+        with ExitStack() as stack:
+            options = LEVERS[args.lever](stack, seed, train)
+            metrics = quality.run_llmtune(train, val, test, encoder, seed, dict(extra), **options)
+        scores = {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
+        row = {"lever": args.lever, "data": args.data, "size": args.size, "seed": seed}
+        print(json.dumps({**row, **scores, "seconds": time.perf_counter() - start}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
