@@ -14,8 +14,9 @@ e5 section, the regression section) come from these arms:
     python benchmarks/levers.py mean-hidden --data tweets --size full --seeds 0
     python benchmarks/levers.py sparse-restore --data confidence --size 8 --seeds 0 1 2 3 4 5 6 7 8 9
 
-Chinese reviews run at max length 128, as quality.py's rows for them. Prints one JSON line a
-seed (test scores, seconds).
+A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
+in `stack` and may add model options. Chinese reviews run at max length 128, as quality.py's
+rows for them. Prints one JSON line a seed (test scores, seconds).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn  # noqa: E402
 
 from llmtune import ClassifierModel, KeepBest, OptimizerFactory  # noqa: E402
 from llmtune import _vocabulary as vocabulary  # noqa: E402
+from llmtune._state import plan_steps  # noqa: E402
 
 
 def single_characters(tokenizer, texts):
@@ -78,14 +80,14 @@ def known_neighbours(tokenizer, texts, min_count=2) -> list[int]:
     return [i for i, n in seen.items() if n >= min_count]
 
 
-def rows_near_mean(stack: ExitStack, seed: int, train) -> dict:
+def rows_near_mean(stack: ExitStack, seed: int, train, extra: dict) -> dict:
     """Random new rows at a tenth of the old rows' spread (above CONTEXT_MAX_TEXTS texts only)."""
     draws = vocabulary._draws
     stack.enter_context(mock.patch.object(vocabulary, "_draws", lambda n, dim, s: draws(n, dim, s) * 0.1))
     return {}
 
 
-def rows_lr(stack: ExitStack, seed: int, train, factor: float = 0.3) -> dict:
+def rows_lr(stack: ExitStack, seed: int, train, extra: dict, factor: float = 0.3) -> dict:
     """The grown embedding in its own optimizer group at `factor` times the head's LR."""
     groups = OptimizerFactory.param_groups
 
@@ -107,12 +109,12 @@ def rows_lr(stack: ExitStack, seed: int, train, factor: float = 0.3) -> dict:
     return {}
 
 
-def mixed_pairs(stack: ExitStack, seed: int, train) -> dict:
+def mixed_pairs(stack: ExitStack, seed: int, train, extra: dict) -> dict:
     stack.enter_context(mock.patch.object(vocabulary, "unknown_spans", mixed_spans))
     return {}
 
 
-def known_rows(stack: ExitStack, seed: int, train) -> dict:
+def known_rows(stack: ExitStack, seed: int, train, extra: dict) -> dict:
     """The known neighbours' rows train too, from their pretrained values (pairs as the defaults')."""
     spans, add_rows, before = vocabulary.unknown_spans, vocabulary.add_rows, []
 
@@ -129,13 +131,15 @@ def known_rows(stack: ExitStack, seed: int, train) -> dict:
     return {}
 
 
-def random_pooler(stack: ExitStack, seed: int, train, first_token: bool = True) -> dict:
+def random_pooler(stack: ExitStack, seed: int, train, extra: dict, first_token: bool = True) -> dict:
     """The Trainer's model: [CLS] (or the defaults' pooling) through dense + tanh started at random
     (std 0.02), then the head."""
 
     class RandomPooler(ClassifierModel):
         @classmethod
         def from_pretrained(cls, directory, **kwargs):
+            if first_token:
+                kwargs["pooling"] = "cls"
             model = super().from_pretrained(directory, **kwargs)
             d = model.encoder.config.hidden_size
             model.pooler = nn.Sequential(nn.Linear(d, d), nn.Tanh())
@@ -146,14 +150,15 @@ def random_pooler(stack: ExitStack, seed: int, train, first_token: bool = True) 
             return model
 
         def encode(self, input_ids, attention_mask, token_type_ids=None):
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
-                inputs["token_type_ids"] = token_type_ids
-            if not first_token:
-                return self.pooler(super().encode(input_ids, attention_mask, token_type_ids))
-            return self.pooler(self.encoder(**inputs).last_hidden_state[:, 0])
+            return self.pooler(super().encode(input_ids, attention_mask, token_type_ids))
 
     stack.enter_context(mock.patch.object(quality, "ClassifierModel", RandomPooler))
+    return {}
+
+
+def first_token(stack: ExitStack, seed: int, train, extra: dict) -> dict:
+    """The defaults with `pooling="cls"`, the first token's state instead of the mean."""
+    extra["pooling"] = "cls"
     return {}
 
 
@@ -174,20 +179,23 @@ class SparseKeepBest(KeepBest):
             super().on_evaluate(tuner, state, **kwargs)
 
 
-def sparse_restore(stack: ExitStack, seed: int, train, candidates: int = 10) -> dict:
-    epochs = max(3, math.ceil(100 / math.ceil(len(train) / 32)))  # the defaults' plan at batch 32
+def sparse_restore(stack: ExitStack, seed: int, train, extra: dict, candidates: int = 10) -> dict:
+    steps = math.ceil(len(train) / 32)  # the defaults' batch size and min_steps
+    epochs = plan_steps(steps, None, None, 100)[0] // steps
     return {"callbacks": [SparseKeepBest(max(1, math.ceil(epochs / candidates)))]}
 
 
 LEVERS = {
-    "defaults": lambda stack, seed, train: {},
+    "defaults": lambda stack, seed, train, extra: {},
     "rows-near-mean": rows_near_mean,
     "rows-lr-0.3": rows_lr,
     "mixed-pairs": mixed_pairs,
     "known-neighbours": known_rows,
-    "cls": lambda stack, seed, train: {},  # a model option, below
+    "cls": first_token,
     "random-pooler": random_pooler,
-    "mean-hidden": lambda stack, seed, train: random_pooler(stack, seed, train, first_token=False),
+    "mean-hidden": lambda stack, seed, train, extra: random_pooler(
+        stack, seed, train, extra, first_token=False
+    ),
     "sparse-restore": sparse_restore,
 }
 
@@ -204,15 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     pool, val_pool, test = quality.fixed_splits(quality.LOADERS[args.data]())
     encoder, _ = quality.encoder_choice(args.encoder)
     extra = {"max_length": 128} if args.data == "reviews-zh" else {}
-    if args.lever == "cls":
-        extra["pooling"] = "cls"
     for seed in args.seeds:
         cap = args.full_cap if args.size == "full" else None
         train, val = quality.draws(pool, val_pool, args.size, seed, cap)
         start = time.perf_counter()
         with ExitStack() as stack:
-            options = LEVERS[args.lever](stack, seed, train)
-            metrics = quality.run_llmtune(train, val, test, encoder, seed, dict(extra), **options)
+            model_options = dict(extra)
+            options = LEVERS[args.lever](stack, seed, train, model_options)
+            metrics = quality.run_llmtune(train, val, test, encoder, seed, model_options, **options)
         scores = {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
         row = {"lever": args.lever, "data": args.data, "size": args.size, "seed": seed}
         print(json.dumps({**row, **scores, "seconds": time.perf_counter() - start}), flush=True)
