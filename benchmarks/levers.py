@@ -13,6 +13,7 @@ e5 section, the regression section) come from these arms:
     python benchmarks/levers.py random-pooler --data tweets --size full
     python benchmarks/levers.py mean-hidden --data tweets --size full --seeds 0
     python benchmarks/levers.py sparse-restore --data confidence --size 8 --seeds 0 1 2 3 4 5 6 7 8 9
+    python benchmarks/levers.py rows-first --data reviews-zh --encoder minilm --size 1000 --seeds 0 1
 
 A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
 in `stack` and may add model options. Chinese reviews run at max length 128, as quality.py's
@@ -28,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -37,9 +39,10 @@ import quality  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from llmtune import ClassifierModel, KeepBest, OptimizerFactory  # noqa: E402
+from llmtune import ClassifierModel, FineTuner, Full, KeepBest, OptimizerFactory  # noqa: E402
 from llmtune import _vocabulary as vocabulary  # noqa: E402
 from llmtune._state import plan_steps  # noqa: E402
+from llmtune.tuning import TuningStrategy  # noqa: E402
 
 
 def single_characters(tokenizer, texts):
@@ -185,6 +188,35 @@ def sparse_restore(stack: ExitStack, seed: int, train, extra: dict, candidates: 
     return {"callbacks": [SparseKeepBest(max(1, math.ceil(epochs / candidates)))]}
 
 
+@dataclass(frozen=True)
+class NewRowsOnly(TuningStrategy):
+    """Of the encoder only the input embedding trains (and of it only the rows a grown vocabulary added)."""
+
+    def apply(self, model):
+        embedding = model.encoder.get_input_embeddings().weight
+        for param in model.encoder.parameters():
+            param.requires_grad_(param is embedding)
+        return self._finish(model)
+
+
+def rows_first(stack: ExitStack, seed: int, train, extra: dict) -> dict:
+    """A first run of the defaults' length trains only the new rows and the head (the encoder
+    frozen), then the defaults' run trains everything from there: the encoder's first steps no
+    longer follow gradients through random rows."""
+
+    class RowsFirst(FineTuner):
+        def fit(self, train, validation=None, **kwargs):
+            self.model.extend_vocabulary(train)  # as the defaults' fit would (tune() stops fit growing it)
+            self.model.tune(NewRowsOnly())
+            FineTuner(self.model, seed=self.seed, progress=False).fit(train, validation)
+            self.model.tune(Full())
+            self.extend_vocabulary = False
+            return super().fit(train, validation, **kwargs)
+
+    stack.enter_context(mock.patch.object(quality, "FineTuner", RowsFirst))
+    return {}
+
+
 LEVERS = {
     "defaults": lambda stack, seed, train, extra: {},
     "rows-near-mean": rows_near_mean,
@@ -197,6 +229,7 @@ LEVERS = {
         stack, seed, train, extra, first_token=False
     ),
     "sparse-restore": sparse_restore,
+    "rows-first": rows_first,
 }
 
 
