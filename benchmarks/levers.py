@@ -1,8 +1,8 @@
 """Levers tried against llmtune's defaults and not kept, one at a time on quality.py's draws.
 
 Each lever patches one thing for the run and is otherwise quality.py's `run_llmtune`; the
-figures in docs/quality.md ("Tried since (thirteenth session)", the Trainer paragraph of the
-e5 section, the regression section) come from these arms:
+figures in docs/quality.md ("Tried since (thirteenth session)", the 8,000-tweets lever table,
+the Trainer paragraph of the e5 section, the regression section) come from these arms:
 
     python benchmarks/levers.py rows-near-mean --data reviews-zh --encoder minilm --size 1000
     python benchmarks/levers.py rows-lr-0.3 --data reviews-zh --encoder minilm --size 64
@@ -14,6 +14,10 @@ e5 section, the regression section) come from these arms:
     python benchmarks/levers.py mean-hidden --data tweets --size full --seeds 0
     python benchmarks/levers.py sparse-restore --data confidence --size 8 --seeds 0 1 2 3 4 5 6 7 8 9
     python benchmarks/levers.py rows-first --data reviews-zh --encoder minilm --size 1000 --seeds 0 1
+    python benchmarks/levers.py reinit-top --data reviews-zh --encoder minilm --size 1000
+    python benchmarks/levers.py reinit-top --data tweets --size full --seeds 0
+    python benchmarks/levers.py reinit-top --data reviews-zh --encoder e5 --size 1000 --seeds 0
+    python benchmarks/levers.py layer-decay --data tweets --size full --seeds 0
 
 A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
 in `stack` and may add model options. Chinese reviews run at max length 128, as quality.py's
@@ -41,6 +45,7 @@ from torch import nn  # noqa: E402
 
 from llmtune import ClassifierModel, FineTuner, Full, KeepBest, OptimizerFactory  # noqa: E402
 from llmtune import _vocabulary as vocabulary  # noqa: E402
+from llmtune._layers import layers_of  # noqa: E402
 from llmtune._state import plan_steps  # noqa: E402
 from llmtune.tuning import TuningStrategy  # noqa: E402
 
@@ -217,6 +222,36 @@ def rows_first(stack: ExitStack, seed: int, train, extra: dict) -> dict:
     return {}
 
 
+def reinit_top(stack: ExitStack, seed: int, train, extra: dict, count: int = 1) -> dict:
+    """The top `count` encoder layers started afresh as the encoder's own init would (normal at
+    `initializer_range`, zero biases, unit LayerNorms): "Revisiting few-sample BERT fine-tuning"
+    (Zhang et al., 2021) found its pretrained top layers a poor start on small sets."""
+
+    class Reinit(ClassifierModel):
+        @classmethod
+        def from_pretrained(cls, directory, **kwargs):
+            model = super().from_pretrained(directory, **kwargs)
+            std = model.encoder.config.initializer_range
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for module in layers_of(model.encoder)[-count:].modules():
+                    if isinstance(module, nn.Linear):
+                        nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                        nn.init.zeros_(module.bias)
+                    elif isinstance(module, nn.LayerNorm):
+                        nn.init.ones_(module.weight)
+                        nn.init.zeros_(module.bias)
+            return model
+
+    stack.enter_context(mock.patch.object(quality, "ClassifierModel", Reinit))
+    return {}
+
+
+def layer_decay(stack: ExitStack, seed: int, train, extra: dict, factor: float = 0.9) -> dict:
+    """Layer-wise LR decay: the encoder layer at depth i of L at 5e-5 * factor ** (L - i)."""
+    return {"optimizer": OptimizerFactory.adamw(layer_decay=factor)}
+
+
 LEVERS = {
     "defaults": lambda stack, seed, train, extra: {},
     "rows-near-mean": rows_near_mean,
@@ -230,6 +265,8 @@ LEVERS = {
     ),
     "sparse-restore": sparse_restore,
     "rows-first": rows_first,
+    "reinit-top": reinit_top,
+    "layer-decay": layer_decay,
 }
 
 
