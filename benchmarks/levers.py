@@ -18,10 +18,13 @@ the Trainer paragraph of the e5 section, the regression section) come from these
     python benchmarks/levers.py reinit-top --data tweets --size full --seeds 0
     python benchmarks/levers.py reinit-top --data reviews-zh --encoder e5 --size 1000 --seeds 0
     python benchmarks/levers.py layer-decay --data tweets --size full --seeds 0
+    python benchmarks/levers.py layer-decay --data reviews-zh --encoder minilm --size 1000
+    python benchmarks/levers.py random-pooler --data reviews-zh --encoder e5 --size 1000 --max-length 512
 
 A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
-in `stack` and may add model options. Chinese reviews run at max length 128, as quality.py's
-rows for them. Prints one JSON line a seed (test scores, seconds).
+in `stack` and may add model options. Chinese reviews run at max length 128 unless
+`--max-length` says otherwise, as quality.py's first rows for them. Prints one JSON line a
+seed (test scores, seconds).
 """
 
 from __future__ import annotations
@@ -278,10 +281,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="1000")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--full-cap", type=int, default=8000, help="at most this many in the 'full' size")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens read (Chinese reviews: 128 unless given)"
+    )
     args = parser.parse_args(argv)
     pool, val_pool, test = quality.fixed_splits(quality.LOADERS[args.data]())
     encoder, _ = quality.encoder_choice(args.encoder)
-    extra = {"max_length": 128} if args.data == "reviews-zh" else {}
+    length = args.max_length or (128 if args.data == "reviews-zh" else None)
+    extra = {"max_length": length} if length else {}
     for seed in args.seeds:
         cap = args.full_cap if args.size == "full" else None
         train, val = quality.draws(pool, val_pool, args.size, seed, cap)
