@@ -20,6 +20,7 @@ the Trainer paragraph of the e5 section, the regression section) come from these
     python benchmarks/levers.py layer-decay --data tweets --size full --seeds 0
     python benchmarks/levers.py layer-decay --data reviews-zh --encoder minilm --size 1000
     python benchmarks/levers.py random-pooler --data reviews-zh --encoder e5 --size 1000 --max-length 512
+    python benchmarks/levers.py random-pooler --data tweets --size 1000
 
 A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
 in `stack` and may add model options. Chinese reviews run at max length 128 unless
