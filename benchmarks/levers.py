@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             options = LEVERS[args.lever](stack, seed, train, model_options)
             metrics = quality.run_llmtune(train, val, test, encoder, seed, model_options, **options)
         scores = {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
-        row = {"lever": args.lever, "data": args.data, "size": args.size, "seed": seed}
+        row = {"lever": args.lever, "max_length": length, "data": args.data, "size": args.size, "seed": seed}
         print(json.dumps({**row, **scores, "seconds": time.perf_counter() - start}), flush=True)
 
 
