@@ -21,6 +21,9 @@ the Trainer paragraph of the e5 section, the regression section) come from these
     python benchmarks/levers.py layer-decay --data reviews-zh --encoder minilm --size 1000
     python benchmarks/levers.py random-pooler --data reviews-zh --encoder e5 --size 1000 --max-length 512
     python benchmarks/levers.py random-pooler --data tweets --size 1000
+    python benchmarks/levers.py label-smoothing --data tweets --size full
+    python benchmarks/levers.py warmup --data tweets --size full
+    python benchmarks/levers.py warmup --data reviews-zh --encoder minilm --size full --max-length 512
 
 A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
 in `stack` and may add model options. Chinese reviews run at max length 128 unless
@@ -47,7 +50,7 @@ import quality  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from llmtune import ClassifierModel, FineTuner, Full, KeepBest, OptimizerFactory  # noqa: E402
+from llmtune import ClassifierModel, FineTuner, Full, KeepBest, Objective, OptimizerFactory  # noqa: E402
 from llmtune import _vocabulary as vocabulary  # noqa: E402
 from llmtune._layers import layers_of  # noqa: E402
 from llmtune._state import plan_steps  # noqa: E402
@@ -256,6 +259,18 @@ def layer_decay(stack: ExitStack, seed: int, train, extra: dict, factor: float =
     return {"optimizer": OptimizerFactory.adamw(layer_decay=factor)}
 
 
+def label_smoothing(stack: ExitStack, seed: int, train, extra: dict, amount: float = 0.1) -> dict:
+    """Cross-entropy against targets smoothed toward uniform (the tweets' labels are noisy: many
+    had annotators disagree)."""
+    return {"objective": Objective.cross_entropy(label_smoothing=amount)}
+
+
+def warmup(stack: ExitStack, seed: int, train, extra: dict, fraction: float = 0.1) -> dict:
+    """The LR rises linearly over the first tenth of the steps: a new head's first, random
+    gradients reach the encoder at a tenth of the LR (at 8,000 examples no probe fits it first)."""
+    return {"optimizer": OptimizerFactory.adamw(warmup=fraction)}
+
+
 LEVERS = {
     "defaults": lambda stack, seed, train, extra: {},
     "rows-near-mean": rows_near_mean,
@@ -271,6 +286,8 @@ LEVERS = {
     "rows-first": rows_first,
     "reinit-top": reinit_top,
     "layer-decay": layer_decay,
+    "label-smoothing": label_smoothing,
+    "warmup": warmup,
 }
 
 
