@@ -22,6 +22,8 @@ the Trainer paragraph of the e5 section, the regression section) come from these
     python benchmarks/levers.py random-pooler --data reviews-zh --encoder e5 --size 1000 --max-length 512
     python benchmarks/levers.py random-pooler --data tweets --size 1000
     python benchmarks/levers.py label-smoothing --data tweets --size full
+    python benchmarks/levers.py label-smoothing --data reviews-zh --encoder minilm --size 1000 \
+        --max-length 512
     python benchmarks/levers.py warmup --data tweets --size full
     python benchmarks/levers.py warmup --data reviews-zh --encoder minilm --size full --max-length 512
 
