@@ -26,11 +26,14 @@ the Trainer paragraph of the e5 section, the regression section) come from these
         --max-length 512
     python benchmarks/levers.py warmup --data tweets --size full
     python benchmarks/levers.py warmup --data reviews-zh --encoder minilm --size full --max-length 512
+    python benchmarks/levers.py tapt --data reviews-zh --encoder minilm --size 1000 --max-length 512
+    python benchmarks/levers.py tapt-long --data reviews-zh --encoder minilm --size 1000 --max-length 512
 
 A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
-in `stack` and may add model options. Chinese reviews run at max length 128 unless
-`--max-length` says otherwise, as quality.py's first rows for them. Prints one JSON line a
-seed (test scores, seconds).
+in `stack`, may add model options and may put what it measured of itself in `REPORT`.
+Chinese reviews run at max length 128 unless `--max-length` says otherwise, as quality.py's
+first rows for them. Prints one JSON line a seed (test scores, the arm's `REPORT`, seconds;
+session17.jsonl's MLM fields were merged in from the run's log by hand).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ def known_neighbours(tokenizer, texts, min_count=2) -> list[int]:
             right = k + 1 < len(items) and items[k + 1][0] and items[k + 1][2] == b
             seen[i] += left or right
     return [i for i, n in seen.items() if n >= min_count]
+
+
+REPORT: dict = {}  # what an arm measured of itself (the MLM's steps, last loss, seconds), for the row
 
 
 def rows_near_mean(stack: ExitStack, seed: int, train, extra: dict) -> dict:
@@ -273,6 +279,74 @@ def warmup(stack: ExitStack, seed: int, train, extra: dict, fraction: float = 0.
     return {"optimizer": OptimizerFactory.adamw(warmup=fraction)}
 
 
+def tapt(
+    stack: ExitStack,
+    seed: int,
+    train,
+    extra: dict,
+    epochs: int = 5,
+    batch: int = 32,
+    mask: float = 0.15,
+    body_lr: float = 5e-5,
+) -> dict:
+    """Task-adaptive MLM (Gururangan et al. 2020) on the training text once the vocabulary grew:
+    the new rows learn from every token's context, not from 1,000 labels alone. A BERT MLM
+    transform (new) and a decoder tied to the grown embedding; the body at 5e-5, the new rows and
+    the transform at the head's LR; the pretrained rows stay fixed (add_rows masks them)."""
+    from transformers import DataCollatorForLanguageModeling
+    from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+    grow = FineTuner.grow_vocabulary
+
+    def grow_then_mlm(self, data, share):
+        added = grow(self, data, share)
+        if not added:
+            return added
+        model, torch_seed = self.model, torch.Generator().manual_seed(seed)
+        encoder, tokenizer = model.encoder, model.tokenizer
+        embedding = encoder.get_input_embeddings()
+        transform = BertPredictionHeadTransform(encoder.config).to(embedding.weight.device)
+        bias = nn.Parameter(torch.zeros(embedding.num_embeddings, device=embedding.weight.device))
+        body = [p for n, p in encoder.named_parameters() if p is not embedding.weight and p.requires_grad]
+        head_lr = self.optimizer.resolved_head_lr
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": body, "lr": body_lr},
+                {"params": [embedding.weight], "lr": head_lr, "weight_decay": 0.0},
+                {"params": [*transform.parameters(), bias], "lr": head_lr},
+            ]
+        )
+        texts = list(data.dataset["text"])
+        encoded = tokenizer(texts, truncation=True, max_length=model.max_length)["input_ids"]
+        collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mask, seed=seed)
+        steps = epochs * math.ceil(len(encoded) / batch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
+        encoder.train()
+        began = time.perf_counter()
+        # Batches of like length (as FineTuner's), in a random order: little padding at 512 tokens.
+        by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        batches = [by_length[k : k + batch] for k in range(0, len(by_length), batch)]
+        for _ in range(epochs):
+            for b in torch.randperm(len(batches), generator=torch_seed).tolist():
+                features = collate([{"input_ids": encoded[i]} for i in batches[b]])
+                with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    hidden = encoder(
+                        input_ids=features["input_ids"], attention_mask=features["attention_mask"]
+                    ).last_hidden_state
+                    masked = features["labels"] != -100
+                    logits = transform(hidden[masked]) @ embedding.weight.T + bias
+                loss = nn.functional.cross_entropy(logits.float(), features["labels"][masked])
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        REPORT.update(mlm_steps=steps, mlm_last_loss=loss.item(), mlm_seconds=time.perf_counter() - began)
+        return added
+
+    stack.enter_context(mock.patch.object(FineTuner, "grow_vocabulary", grow_then_mlm))
+    return {}
+
+
 LEVERS = {
     "defaults": lambda stack, seed, train, extra: {},
     "rows-near-mean": rows_near_mean,
@@ -290,6 +364,10 @@ LEVERS = {
     "layer-decay": layer_decay,
     "label-smoothing": label_smoothing,
     "warmup": warmup,
+    "tapt": tapt,
+    "tapt-long": lambda stack, seed, train, extra: tapt(
+        stack, seed, train, extra, epochs=12, mask=0.3, body_lr=1e-4
+    ),
 }
 
 
@@ -313,13 +391,14 @@ def main(argv: list[str] | None = None) -> None:
         cap = args.full_cap if args.size == "full" else None
         train, val = quality.draws(pool, val_pool, args.size, seed, cap)
         start = time.perf_counter()
+        REPORT.clear()
         with ExitStack() as stack:
             model_options = dict(extra)
             options = LEVERS[args.lever](stack, seed, train, model_options)
             metrics = quality.run_llmtune(train, val, test, encoder, seed, model_options, **options)
         scores = {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
         row = {"lever": args.lever, "max_length": length, "data": args.data, "size": args.size, "seed": seed}
-        print(json.dumps({**row, **scores, "seconds": time.perf_counter() - start}), flush=True)
+        print(json.dumps({**row, **scores, **REPORT, "seconds": time.perf_counter() - start}), flush=True)
 
 
 if __name__ == "__main__":
