@@ -291,8 +291,8 @@ def tapt(
 ) -> dict:
     """Task-adaptive MLM (Gururangan et al. 2020) on the training text once the vocabulary grew:
     the new rows learn from every token's context, not from 1,000 labels alone. A BERT MLM
-    transform (new) and a decoder tied to the grown embedding; the body at 5e-5, the new rows and
-    the transform at the head's LR; the pretrained rows stay fixed (add_rows masks them)."""
+    transform (new) and a decoder tied to the grown embedding; the body at `body_lr`, the new rows
+    and the transform at the head's LR; the pretrained rows stay fixed (add_rows masks them)."""
     from transformers import DataCollatorForLanguageModeling
     from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
@@ -302,12 +302,12 @@ def tapt(
         added = grow(self, data, share)
         if not added:
             return added
-        model, torch_seed = self.model, torch.Generator().manual_seed(seed)
+        model, generator = self.model, torch.Generator().manual_seed(seed)
         encoder, tokenizer = model.encoder, model.tokenizer
         embedding = encoder.get_input_embeddings()
         transform = BertPredictionHeadTransform(encoder.config).to(embedding.weight.device)
         bias = nn.Parameter(torch.zeros(embedding.num_embeddings, device=embedding.weight.device))
-        body = [p for n, p in encoder.named_parameters() if p is not embedding.weight and p.requires_grad]
+        body = [p for p in encoder.parameters() if p is not embedding.weight and p.requires_grad]
         head_lr = self.optimizer.resolved_head_lr
         optimizer = torch.optim.AdamW(
             [
@@ -327,9 +327,9 @@ def tapt(
         by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         batches = [by_length[k : k + batch] for k in range(0, len(by_length), batch)]
         for _ in range(epochs):
-            for b in torch.randperm(len(batches), generator=torch_seed).tolist():
+            for b in torch.randperm(len(batches), generator=generator).tolist():
                 features = collate([{"input_ids": encoded[i]} for i in batches[b]])
-                with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+                with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
                     hidden = encoder(
                         input_ids=features["input_ids"], attention_mask=features["attention_mask"]
                     ).last_hidden_state
