@@ -55,7 +55,15 @@ import quality  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from llmtune import ClassifierModel, FineTuner, Full, KeepBest, Objective, OptimizerFactory  # noqa: E402
+from llmtune import (  # noqa: E402
+    ClassifierModel,
+    FineTuner,
+    Full,
+    KeepBest,
+    Objective,
+    OptimizerFactory,
+    _runtime,
+)
 from llmtune import _vocabulary as vocabulary  # noqa: E402
 from llmtune._layers import layers_of  # noqa: E402
 from llmtune._state import plan_steps  # noqa: E402
@@ -293,7 +301,7 @@ def tapt(
     the new rows learn from every token's context, not from 1,000 labels alone. A BERT MLM
     transform (new) and a decoder tied to the grown embedding; the body at `body_lr`, the new rows
     and the transform at the head's LR; the pretrained rows stay fixed (add_rows masks them)."""
-    from transformers import DataCollatorForLanguageModeling
+    from transformers import DataCollatorForLanguageModeling, get_scheduler
     from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
     grow = FineTuner.grow_vocabulary
@@ -320,7 +328,7 @@ def tapt(
         encoded = tokenizer(texts, truncation=True, max_length=model.max_length)["input_ids"]
         collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mask, seed=seed)
         steps = epochs * math.ceil(len(encoded) / batch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
         encoder.train()
         began = time.perf_counter()
         # Batches of like length (as FineTuner's), in a random order: little padding at 512 tokens.
@@ -329,7 +337,7 @@ def tapt(
         for _ in range(epochs):
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 features = collate([{"input_ids": encoded[i]} for i in batches[b]])
-                with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
+                with _runtime.autocast(self.device, self.dtype):
                     hidden = encoder(
                         input_ids=features["input_ids"], attention_mask=features["attention_mask"]
                     ).last_hidden_state
