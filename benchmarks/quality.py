@@ -49,6 +49,9 @@ from sentiment import load_tweets  # noqa: E402
 
 from llmtune import ClassifierModel, DatasetAdapter, FineTuner, HeadOnly, KeepBest, OptimizerFactory  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality_report import write_report  # noqa: E402
+
 TEST, VALIDATION_POOL = 2000, 2000
 SIZES = ("8", "64", "1000", "full")  # per class for 8 and 64; in all for 1000 and full
 CONTENDERS = (
@@ -340,76 +343,8 @@ def main(argv: list[str] | None = None) -> Path:
                     rows.append({**row, **{k: float(v) for k, v in metrics.items()}})
                     print(json.dumps(rows[-1]), flush=True)
                     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    write_report(rows, out)
+    write_report(rows, out, SIZES, CONTENDERS)
     return out
-
-
-def write_report(rows: list[dict], out: Path) -> None:
-    """Mean +- std per (data, encoder, size, contender): a table and a plot against training size."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["data"], r["encoder"], r["size"], r["contender"]), []).append(r)
-    lines = [
-        "| data | encoder | size | contender | n | seeds | accuracy | macro-F1 | MSE | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def order(key: tuple) -> tuple:
-        data, encoder, size, contender = key
-        return data, encoder, SIZES.index(size), CONTENDERS.index(contender)
-
-    def stat(rs: list[dict], key: str, scale: float = 100) -> str:
-        values = [r[key] * scale for r in rs if key in r]
-        return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else ""
-
-    for key in sorted(groups, key=order):
-        rs = groups[key]
-        seconds = np.mean([r["seconds"] for r in rs])
-        lines.append(
-            f"| {' | '.join(key)} | {rs[0]['train']} | {len(rs)} | {stat(rs, 'accuracy')} | "
-            f"{stat(rs, 'f1')} | {stat(rs, 'mse', 1000)} | {seconds:.0f} |"
-        )
-    note = "Accuracy and macro-F1 in %, MSE x 1000; mean ± standard deviation over seeds.\n\n"
-    out.with_suffix(".md").write_text("# Result quality\n\n" + note + "\n".join(lines) + "\n")
-    plot(groups, out.with_suffix(".png"))
-
-
-def plot(groups: dict[tuple, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(d, e) for d, e, _, _ in groups})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (data, encoder) in zip(axes[0], panels):
-        for contender in CONTENDERS:
-            points = [
-                (
-                    np.mean([r["train"] for r in rs]),
-                    np.mean([r.get("accuracy", -r.get("mse", 0)) for r in rs]),
-                )
-                for (d, e, s, c), rs in groups.items()
-                if (d, e, c) == (data, encoder, contender)
-            ]
-            if points:
-                x, y = zip(*sorted(points))
-                ax.plot(x, y, marker="o", label=contender)
-        floor = [
-            r["mse"]
-            for (d, e, _, c), rs in groups.items()
-            for r in rs
-            if (d, e, c) == (data, encoder, "mean")
-        ]
-        if floor:  # regression: a contender far below the mean predictor would flatten the rest
-            ax.set_ylim(bottom=-1.5 * max(floor))
-        ax.set_xscale("log")
-        ax.set_title(f"{data} ({encoder})")
-        ax.set_xlabel("training examples")
-        ax.set_ylabel("test accuracy (regression: -MSE)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
