@@ -117,9 +117,10 @@ def standing(groups: dict[tuple, list[dict]], sizes: Sequence[str]) -> str:
     ]
     for s in standings(groups, sizes):
         sign = -1 if s["regression"] else 1  # scores are minus the MSE; show the MSE itself
+        lead = f"{s['lead']:+.2f}" + (f" ± {s['se']:.2f}" if s["seeds"] > 1 else "")
         lines.append(
             f"| {s['data']} | {s['encoder']} | {s['size']} | {sign * s['ours']:.2f} | "
-            f"{s['baseline']} {sign * s['theirs']:.2f} | {s['seeds']} | {s['lead']:+.2f} ± {s['se']:.2f} | "
+            f"{s['baseline']} {sign * s['theirs']:.2f} | {s['seeds']} | {lead} | "
             f"{s['ahead']} of {s['seeds']} | {'met' if s['lead'] >= 0 else '**missed**'} |"
         )
     return "\n".join(lines) + "\n"
