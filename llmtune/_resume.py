@@ -101,7 +101,8 @@ def match_callbacks(
     return pairs, homeless, starved
 
 
-def _resolve(tuner: FineTuner, resume_from: str | os.PathLike) -> Path | None:
+def resolve(tuner: FineTuner, resume_from: str | os.PathLike) -> Path | None:
+    """The checkpoint `resume_from` names, locked for this run; None for "latest" with none yet."""
     owners = [c for c in tuner.callbacks if isinstance(c, Checkpoint)]
     for owner in owners:  # before reading: no other run may write or prune there meanwhile
         owner.lock(tuner)
@@ -131,20 +132,16 @@ class _Checked:
     rng: dict[str, Any]
 
 
-def resume_run(tuner: FineTuner, resume_from: str | os.PathLike, train: Any) -> Resumed | None:
+def resume_run(tuner: FineTuner, path: Path, train: Any) -> Resumed:
     """Load model, optimizer, scheduler, scaler, counters and history into `tuner.state`.
 
-    `resume_from` is a checkpoint directory or "latest" (the newest complete checkpoint of
-    the tuner's `Checkpoint` callback; None when there is none yet: a fresh start).
+    `path` is the checkpoint `resolve` found.
 
     Raises:
         CheckpointError: damaged, incomplete or newer-format checkpoint, or one from a
             different model, label set, training data or data order (batch size, seed, ...).
             Nothing has been restored then.
     """
-    path = _resolve(tuner, resume_from)
-    if path is None:
-        return None
     checked = _read(path, tuner, train)
     state = tuner.state
     tuner.model.load_state_dict(checked.weights, strict=False)

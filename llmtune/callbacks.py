@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
+from . import metrics as M
+
 if TYPE_CHECKING:
     from .trainer import FineTuner, TrainState
 
@@ -89,7 +91,7 @@ def _resolve_monitor(tuner: FineTuner, monitor: str, mode: str) -> tuple[str, st
     if monitor == "auto":
         monitor, auto_mode = tuner.objective.monitor, tuner.objective.mode
     else:
-        auto_mode = "min" if "loss" in monitor or monitor in ("mse", "mae") else "max"
+        auto_mode = "min" if M.lower_is_better(monitor) else "max"
     return monitor, auto_mode if mode == "auto" else mode
 
 
@@ -100,10 +102,11 @@ class _Monitor(Callback):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self._asked = (monitor, mode)  # "auto" resolves again for each fit's objective
         self.best: float | None = None
 
     def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
-        self.monitor, self.mode = _resolve_monitor(tuner, self.monitor, self.mode)
+        self.monitor, self.mode = _resolve_monitor(tuner, *self._asked)
         self.best = None
 
     def better(self, metrics: dict[str, float]) -> bool:
@@ -190,7 +193,8 @@ class KeepBest(_Monitor):
 
     def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
         super().on_fit_start(tuner, state)
-        self.reference = None
+        # A new fit (a resumed one gets them back after this) must not end on the last one's weights.
+        self.reference, self.weights, self.best_epoch = None, None, None
 
     def on_evaluate(
         self,

@@ -10,7 +10,24 @@ import numpy as np
 
 from . import _calibration
 
-__all__ = ["accuracy", "macro_f1", "multilabel_f1", "subset_accuracy", "mse", "mae", "ece", "f1_per_class"]
+__all__ = [
+    "accuracy",
+    "macro_f1",
+    "multilabel_f1",
+    "subset_accuracy",
+    "mse",
+    "mae",
+    "ece",
+    "f1_per_class",
+    "lower_is_better",
+]
+
+LOWER_IS_BETTER = frozenset({"mse", "mae", "ece"})
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether a smaller value of metric `name` is better (a loss, an error): `mode="auto"`'s rule."""
+    return "loss" in name or name.removeprefix("val_") in LOWER_IS_BETTER
 
 
 def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:

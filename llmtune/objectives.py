@@ -43,6 +43,14 @@ class Objective:
         """Metrics computed on validation outputs, by name (the loss is always added)."""
         return {}
 
+    def denominator(self, targets: torch.Tensor) -> float | None:
+        """What a batch's loss is an average over, where that is not its number of examples.
+
+        The training loop weighs each batch of an accumulation window (and each data-parallel
+        rank) by it, so the window's gradient is that of one batch holding all of them.
+        """
+        return None
+
     @staticmethod
     def cross_entropy(
         class_weights: Sequence[float] | torch.Tensor | None = None, label_smoothing: float = 0.0
@@ -98,6 +106,12 @@ class CrossEntropy(Objective):
         return F.cross_entropy(
             logits.float(), targets.long(), weight=weight, label_smoothing=self.label_smoothing
         )
+
+    def denominator(self, targets: torch.Tensor) -> float | None:
+        # F.cross_entropy with class weights divides by the summed weights of the targets.
+        if self.class_weights is None:
+            return None
+        return float(self.class_weights.to(targets.device)[targets.long()].sum())
 
     def metrics(self) -> dict[str, Metric]:
         return {"accuracy": M.accuracy, "f1": M.macro_f1, "ece": M.ece}

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .callbacks import Callback
+from . import metrics as M
+from .callbacks import Callback, KeepBest
 from .errors import ConfigError, TrainingError
 from .objectives import Objective
 from .optim import OptimizerFactory
@@ -98,7 +99,9 @@ class FeatureCache:
             token_type_ids: torch.Tensor | None = None,
             **kwargs: Any,
         ) -> torch.Tensor:
-            if model.training or kwargs:  # dropout makes features random; other inputs are not in the key
+            # Dropout makes features random; other inputs are not in the key; an encoder that
+            # trains again since `attach` would be served stale features.
+            if model.training or kwargs or not encoder_frozen(model):
                 return encode(input_ids, attention_mask, token_type_ids, **kwargs)
             autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
             rows = self.entries.setdefault((*key, autocast), {})
@@ -236,7 +239,8 @@ class _Pruning(Callback):
     def on_evaluate(
         self, tuner: FineTuner, state: TrainState, *, metrics: dict[str, float], **kwargs: Any
     ) -> None:
-        self.trial.report(metrics[self.metric], state.epoch)
+        # Step 0 is the probed head's evaluation ("epoch 0", state.epoch -1), step k epoch k.
+        self.trial.report(metrics[self.metric], state.epoch + 1)
         if self.trial.should_prune():
             self.pruned = state.should_stop = (
                 True  # fit ends as usual; the search then marks the trial pruned
@@ -260,7 +264,7 @@ def _resolve(metric: str, direction: str, train: DatasetAdapter) -> tuple[str, s
         objective = Objective.for_task(train.task or "classification")
         metric, mode = objective.monitor, objective.mode
     else:
-        mode = "min" if "loss" in metric or metric in ("mse", "mae") else "max"
+        mode = "min" if M.lower_is_better(metric) else "max"
     if direction == "auto":
         direction = {"min": "minimize", "max": "maximize"}[mode]
     if direction not in ("minimize", "maximize"):
@@ -289,7 +293,8 @@ def search(
     and `hp_space` do together, without subclassing anything; `default_space` suggests a
     common space. Each epoch's validation `metric` is reported to the trial, and a fit the
     pruner stops ends at that epoch's end (callbacks see a normal `on_fit_end`). A trial's
-    value is its best epoch's metric, the one `KeepBest` keeps. Head-only trials share one
+    value is the metric of the weights its fit ends with: the state `KeepBest` keeps (a
+    `KeepBest` left on "auto" ranks by `metric`), else the last epoch's. Head-only trials share one
     `FeatureCache`, so the frozen encoder runs over the data once for the whole search. A
     trial whose loss turns NaN (`TrainingError`) is marked failed and the search goes on.
 
@@ -334,7 +339,7 @@ def search(
             f"(metric {metric!r}); pass the study's direction, or another study."
         )
     cache = feature_cache if feature_cache is not None else FeatureCache()
-    best: dict[str, Any] = {"value": None, "tuner": None}
+    best: dict[str, Any] = {"value": None, "tuner": None, "trial": None}
     better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
 
     def objective(trial: optuna.Trial) -> float:
@@ -342,6 +347,10 @@ def search(
         reported = ("loss", *tuner.metrics)
         if metric not in reported:
             raise ConfigError(f"metric {metric!r} is not among the validation metrics {list(reported)}")
+        keep = [c for c in tuner.callbacks if isinstance(c, KeepBest)]
+        for c in keep:
+            if c._asked[0] == "auto":  # keep the epoch that is best by what the search ranks
+                c._asked = (metric, "max" if direction == "maximize" else "min")
         pruning = _Pruning(trial, metric)
         tuner.callbacks.append(pruning)
         with cache.attach(tuner.model):
@@ -350,12 +359,11 @@ def search(
         trial.set_user_attr("history", history.records)
         if pruning.pruned:
             raise optuna.TrialPruned(f"stopped after epoch {len(history)}")
-        values = [v for v in history[f"val_{metric}"] if v is not None and not math.isnan(v)]
-        if not values:
-            return math.nan  # Optuna marks the trial failed
-        value = max(values) if direction == "maximize" else min(values)
+        value = _kept_value(tuner, history, metric, keep)
+        if math.isnan(value):
+            return value  # Optuna marks the trial failed
         if keep_best and (best["value"] is None or better(value, best["value"])):
-            best["value"], best["tuner"] = value, tuner
+            best["value"], best["tuner"], best["trial"] = value, tuner, trial.number
         return value
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(TrainingError,))
@@ -367,11 +375,27 @@ def search(
             "give the pruner more patience (MedianPruner(n_warmup_steps=...))."
         )
     logger.info("search: best %s=%.4f with %s", metric, study.best_value, study.best_params)
+    tuner = best["tuner"]
+    if tuner is not None and best["trial"] != study.best_trial.number:
+        # A continued study's best trial ran in an earlier call: this call's best model is not it.
+        logger.info("search: the study's best trial ran before this call; best_tuner is None")
+        tuner = None
     return SearchResult(
         study=study,
         best_params=study.best_params,
         best_value=study.best_value,
         metric=metric,
         direction=direction,
-        best_tuner=best["tuner"],
+        best_tuner=tuner,
     )
+
+
+def _kept_value(tuner: FineTuner, history: Any, metric: str, keep: list[KeepBest]) -> float:
+    """`metric` of the state the fit ended with: the kept epoch's (or the probed head's), else the last."""
+    epoch = keep[0].best_epoch if keep and keep[0].best_epoch is not None else None
+    if epoch is not None and epoch < 0:
+        value = (tuner.probe_metrics or {}).get(metric)
+    else:
+        values = history[f"val_{metric}"]
+        value = values[-1 if epoch is None else epoch] if values else None
+    return math.nan if value is None else float(value)

@@ -267,7 +267,9 @@ class FineTuner:
             loader = self.train_loader(train)  # the text again, through the grown vocabulary
             share = unknown_share(loader.data.input_ids, model.tokenizer)
         warn_if_unreadable(share, model.tokenizer, train.source, grown)
-        mean = _probe.start_at_mean(model, loader.data.text_labels) if resume_from is None else None
+        # "latest" with no checkpoint yet is a fresh start and gets what a fresh start gets.
+        checkpoint = _resume.resolve(self, resume_from) if resume_from is not None else None
+        mean = _probe.start_at_mean(model, loader.data.text_labels) if checkpoint is None else None
         if mean is not None:
             logger.info("the new regression head starts at the training targets' mean %s", mean)
         loader = self.cache_features(loader)
@@ -279,7 +281,7 @@ class FineTuner:
                 f"probe=True needs a model with a linear `head` and an `encode` method (as "
                 f"ClassifierModel has); {type(model).__name__} has not."
             )
-        probed = resume_from is None and probeable and (self.probe or (self.probe is None and small))
+        probed = checkpoint is None and probeable and (self.probe or (self.probe is None and small))
         if probed:
             self.probe_head(loader, validation)
         epochs = math.ceil(total_steps / steps_per_epoch)
@@ -296,7 +298,7 @@ class FineTuner:
         )
         # Weights, optimizer, schedule, counters and history come back before on_fit_start (a
         # HistoryLogger writes the history there); callback state and RNG after it (it resets them).
-        resumed = _resume.resume_run(self, resume_from, train) if resume_from is not None else None
+        resumed = _resume.resume_run(self, checkpoint, train) if checkpoint is not None else None
         self.emit("on_fit_start", state, train=train, validation=validation)
         if resumed is not None:
             resumed.restore_callbacks_and_rng(self)
@@ -367,18 +369,24 @@ class FineTuner:
     def _backward(self, net: torch.nn.Module, window: list[dict]) -> tuple[int, list[torch.Tensor]]:
         """Forward and backward over one accumulation window; returns (examples on all ranks, losses).
 
-        Each example weighs 1/n, so the accumulated gradient is that of one batch of all n
-        examples; DDP averages over ranks, hence the factor `world`.
+        Each batch's mean loss weighs its share of the window's examples (or of what the
+        objective averages over: `Objective.denominator`), so the accumulated gradient is that of
+        one batch of all n examples; DDP averages over ranks, hence the factor `world`.
         """
         world, scaler = self.dist.world_size, self.state.scaler
         n = self.dist.total(sum(len(batch["labels"]) for batch in window))
+        shares: list[float] = [len(batch["labels"]) for batch in window]
+        total = float(n)
+        if (weights := [self.objective.denominator(batch["labels"]) for batch in window])[0] is not None:
+            shares = weights  # one more all-reduce, only for objectives that need it
+            total = float(self.dist.sum(torch.tensor(sum(weights), dtype=torch.float64)))
         losses = []
         for i, batch in enumerate(window):
             batch = _runtime.to_device(batch, self.device)
             with self.dist.no_sync(net, sync=i == len(window) - 1):
                 with _runtime.autocast(self.device, self.dtype):
                     logits = net(**batch)
-                loss = self.objective(logits, batch["labels"]) * (len(batch["labels"]) * world / n)
+                loss = self.objective(logits, batch["labels"]) * (shares[i] * world / total)
                 scaler.scale(loss).backward()
             losses.append(loss.detach())
         return n, losses
@@ -488,8 +496,9 @@ class FineTuner:
 
     def _evaluate(self, data: DatasetAdapter) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
         """`evaluate`'s metrics and the (logits, targets) they come from, one row per text."""
-        if not data.has_labels:
-            raise DataError(f"evaluation data ({data.source}) has no label column.")
+        # Ids are positions in a label list: data built with its own list would be scored
+        # against the wrong names (a test set without 1-star reviews shifts every id by one).
+        data.check_compatible(self.model.labels, self.model.task, "evaluation")
         logits = self.predict(data) / getattr(self.model, "temperature", 1.0)
         targets = self._tokens(data).text_labels
         metrics = {name: self.score(name, logits, targets) for name in ("loss", *self.metrics)}

@@ -23,6 +23,7 @@ from llmtune import (  # noqa: E402
     ClassifierModel,
     DatasetAdapter,
     FineTuner,
+    Objective,
     OptimizerFactory,
     TrainingError,
 )
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--nonfinite", default="raise")
     parser.add_argument("--probe", action="store_true", help="fit the head on frozen features first")
     parser.add_argument("--unknown", action="store_true", help="text the tokenizer cannot read: fit grows it")
+    parser.add_argument("--class-weights", action="store_true", help="weighted cross-entropy (3 to 1)")
     args = parser.parse_args()
 
     if args.init_group:
@@ -77,6 +79,7 @@ def main() -> None:
         model,
         # SGD: Adam divides by sqrt(v) and magnifies float-summation-order noise in tiny gradients.
         optimizer=OptimizerFactory.sgd(lr=0.05),
+        objective=Objective.cross_entropy(class_weights=[3.0, 1.0]) if args.class_weights else None,
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,

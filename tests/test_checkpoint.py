@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sentiment_texts
+from conftest import sentiment_texts, task_data
 
 from llmtune import (
     Callback,
@@ -178,6 +178,25 @@ def test_latest_without_checkpoints_starts_fresh_and_without_callback_is_refused
         make_tuner(make_model()).fit(train, resume_from="latest")
     with pytest.raises(CheckpointError, match=r"not a complete checkpoint .*pass one of them"):
         make_tuner(make_model()).fit(train, resume_from=tmp_path / "empty")
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_latest_without_checkpoints_is_the_same_run_as_a_plain_fit(make_model, tmp_path, task):
+    # The first launch of a job that always passes "latest" must get what a fresh start gets:
+    # the linear probe of a short run, a regression head started at the targets' mean.
+    train, val = task_data(task, 40).split(validation=10, seed=0)
+
+    def run(directory, resume_from):
+        torch.manual_seed(0)  # the same random encoder for both
+        model = make_model(labels=train.labels or (), task=task)
+        tuner = make_tuner(model, directory, epochs=None, min_steps=16, seed=3)
+        tuner.fit(train, val, resume_from=resume_from)
+        return weights(model), tuner.probe_metrics
+
+    plain, probed = run(tmp_path / "plain", None)
+    latest, probed_latest = run(tmp_path / "latest", "latest")
+    assert probed is not None and probed_latest == probed
+    assert_same_weights(latest, plain)
 
 
 # -- atomic saves and retention -------------------------------------------------------------

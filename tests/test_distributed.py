@@ -56,6 +56,19 @@ def test_ddp_equals_one_process_with_twice_the_batch(no_dropout_dir, tmp_path):
     assert not (tmp_path / "ddp" / "weights.safetensors.rank1").exists()  # rank 0 alone writes
 
 
+def test_class_weights_under_ddp_equal_one_process(no_dropout_dir, tmp_path):
+    # Weighted cross-entropy averages over the targets' weights: ranks and micro-batches holding
+    # more of the heavy class count for more, as in one big batch.
+    ddp = run(
+        no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", "--grad-accum", "2", "--class-weights", procs=2
+    )
+    single = run(
+        no_dropout_dir, tmp_path / "single", "--batch-size", "8", "--grad-accum", "2", "--class-weights"
+    )
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single")
+    assert ddp["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], abs=1e-6)
+
+
 def test_the_probe_under_ddp_equals_one_process(no_dropout_dir, tmp_path):
     # Each rank encodes its share of the training and validation rows and the ranks exchange
     # them, so every rank fits the same head as one process does from all rows. Compared by

@@ -101,3 +101,27 @@ def test_a_metric_the_tuner_does_not_report_is_refused(make_model, splits):
     train, val = splits
     with pytest.raises(ConfigError, match="not among the validation metrics"):
         search(lr_build(make_model, epochs=1), train, val, n_trials=1, metric="auc")
+
+
+def test_best_value_is_what_the_returned_model_scores_with_the_probe_and_another_metric(make_model, splits):
+    # Default epochs on small data start with the probed head, evaluated as "epoch 0" (step 0);
+    # a metric other than the objective's monitor ranks the epochs KeepBest chooses from.
+    train, val = splits
+    sampler = optuna.samplers.GridSampler({"lr": [1e-6, 3e-3]}, seed=0)
+    for metric in ("f1", "loss"):
+        result = search(
+            lr_build(make_model, epochs=None), train, val, n_trials=2, metric=metric, sampler=sampler
+        )
+        assert 0 in result.study.best_trial.intermediate_values  # the probe's report
+        assert result.best_tuner.evaluate(val)[metric] == pytest.approx(result.best_value, abs=1e-6)
+
+
+def test_a_continued_study_returns_no_tuner_for_a_best_trial_of_an_earlier_call(make_model, splits):
+    train, val = splits
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    study.enqueue_trial({"lr": 3e-3})
+    first = search(lr_build(make_model, epochs=2), train, val, n_trials=1, study=study)
+    assert first.best_tuner is not None
+    study.enqueue_trial({"lr": 1e-6})
+    second = search(lr_build(make_model, epochs=2), train, val, n_trials=1, study=study)
+    assert second.best_params == {"lr": 3e-3} and second.best_tuner is None

@@ -52,9 +52,10 @@ def test_net_learns(make_model, sentiment):
     assert len(history) == 6 and history["epoch"] == [1, 2, 3, 4, 5, 6]
 
 
-def _one_step(model, data, batch_size, grad_accum, max_grad_norm=None):
+def _one_step(model, data, batch_size, grad_accum, max_grad_norm=None, objective=None):
     tuner = FineTuner(
         model,
+        objective=objective,
         optimizer=OptimizerFactory.sgd(lr=0.1, momentum=0.0, head_lr=None),
         max_steps=1,
         batch_size=batch_size,
@@ -69,14 +70,22 @@ def _one_step(model, data, batch_size, grad_accum, max_grad_norm=None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_grad_accumulation_equals_one_big_batch(make_model):
-    texts, labels = sentiment_texts(8)
+@pytest.mark.parametrize(
+    "objective",
+    [None, Objective.cross_entropy(class_weights=[4.0, 1.0], label_smoothing=0.1)],
+    ids=["default", "class-weights"],
+)
+def test_grad_accumulation_equals_one_big_batch(make_model, objective):
+    # Weighted cross-entropy averages over the targets' weights, not the examples: micro-batches
+    # with more of the heavy class must count for more, as they would in one big batch.
+    texts, labels = sentiment_texts(16)
+    labels = ["pos"] * 12 + ["neg"] * 4
     data = DatasetAdapter.from_lists(texts, labels)
     model = make_model(dropout=0.0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    big = _one_step(model, data, batch_size=8, grad_accum=1)
+    big = _one_step(model, data, batch_size=16, grad_accum=1, objective=objective)
     model.load_state_dict(start)
-    small = _one_step(model, data, batch_size=8, grad_accum=4)
+    small = _one_step(model, data, batch_size=16, grad_accum=4, objective=objective)
     changed = [k for k in start if not torch.equal(start[k], big[k])]
     assert changed, "one step of SGD must move the weights"
     for key in big:
@@ -228,6 +237,33 @@ def test_keep_best_with_confidence_in_fit_restores_its_choice_and_checkpoints_it
     np.testing.assert_array_equal(again.reference[1], targets)
 
 
+@pytest.mark.parametrize(
+    "monitor, mode",
+    [("ece", "min"), ("mae", "min"), ("mse", "min"), ("val_loss", "min"), ("f1", "max"), ("accuracy", "max")],
+)
+def test_a_monitor_left_on_auto_knows_which_way_is_better(make_model, monitor, mode):
+    # A calibration error is an error: "max" would keep the worst-calibrated epoch.
+    tuner = FineTuner(make_model(), progress=False)
+    for callback in (KeepBest(monitor=monitor), EarlyStopping(monitor=monitor)):
+        callback.on_fit_start(tuner, None)
+        assert callback.mode == mode
+    from llmtune.search import _resolve
+
+    assert _resolve(monitor, "auto", None)[1] == {"min": "minimize", "max": "maximize"}[mode]
+
+
+def test_a_second_fit_without_validation_keeps_its_own_weights(make_model, sentiment):
+    # KeepBest held the first fit's best weights and restored them at the second fit's end.
+    train, val = sentiment
+    model = make_model(labels=train.labels)
+    tuner = FineTuner(model, epochs=1, progress=False, optimizer=OptimizerFactory.adamw(lr=3e-3))
+    tuner.fit(train, val)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuner.epochs = 2  # ends at another epoch than the first fit's best (epoch 1 of 1)
+    tuner.fit(train)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_keep_best_rejects_a_confidence_of_one_or_more():
     with pytest.raises(ValueError, match="confidence must be in"):
         KeepBest(confidence=1.0)
@@ -277,6 +313,22 @@ def test_refuses_bad_data_before_training(make_model):
         FineTuner(model, Objective.mse())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_refuses_data_with_another_label_mapping(make_model):
+    # Ids are positions in the label list: a test set built alone from only "pos" texts maps
+    # pos to 0, the model's "neg", and would score a perfect model at 0% without this check.
+    model = make_model(labels=["neg", "pos"])
+    tuner = FineTuner(model, progress=False)
+    only_pos = DatasetAdapter.from_lists(["a", "b"], ["pos", "pos"])
+    with pytest.raises(ConfigError, match=r"evaluation data .* has labels \['pos'\] but the model has"):
+        tuner.evaluate(only_pos)
+    with pytest.raises(ConfigError, match="evaluation data is regression but the model is classification"):
+        tuner.evaluate(DatasetAdapter.from_lists(["a", "b"], [0.5, 1.5]))
+    with pytest.raises(DataError, match="has no label column"):
+        tuner.evaluate(DatasetAdapter.from_lists(["a", "b"]))
+    same = DatasetAdapter.from_lists(["a", "b"], ["pos", "pos"], label_names=model.labels)
+    assert set(tuner.evaluate(same)) >= {"loss", "accuracy"}
 
 
 def test_default_epochs_give_small_data_at_least_min_steps(make_model, caplog):
