@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,9 @@ def read_csv(path: str | os.PathLike, *, encoding: str, sep: str, columns: Mappi
         # the row there; in a file whose lines end with "\n", "\r" is part of the text.
         options["lineterminator"] = "\n"
     texts = {c: str for c in (columns.get("text", "text"), columns.get("text_pair")) if c is not None}
+    label = columns.get("label", "label")
+    if label is not None:
+        texts[label] = str  # numbers only where every cell is written as one: see _label_values
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas drops fields otherwise
@@ -75,7 +79,26 @@ def read_csv(path: str | os.PathLike, *, encoding: str, sep: str, columns: Mappi
         raise DataError(f"{path}: the file is empty.") from None
     except (pd.errors.ParserError, pd.errors.ParserWarning) as err:
         raise DataError(f"{path}: malformed CSV ({err}); check sep={sep!r} and the quoting.") from None
+    if label is not None and label in frame:
+        frame[label] = _label_values(frame[label].tolist())
     return frame
+
+
+_INTEGER = re.compile(r"[+-]?(0|[1-9][0-9]*)")
+_NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]*)?([eE][+-]?[0-9]+)?")
+
+
+def _label_values(cells: list[Any]) -> list[Any]:
+    """A CSV label column's cells as ints, floats or the strings they are.
+
+    pandas would parse "007" as 7, merging it with a "7" and predicting "7" back; codes like
+    these stay strings. Missing cells (NaN) stay missing, for the adapter to refuse by row.
+    """
+    given = [c for c in cells if isinstance(c, str)]
+    for pattern, kind in ((_INTEGER, int), (_NUMBER, float)):
+        if given and all(pattern.fullmatch(c.strip()) for c in given):
+            return [kind(c) if isinstance(c, str) else c for c in cells]
+    return cells
 
 
 def _check_header(path: str, header: list[Any], sep: str, columns: Mapping[str, Any]) -> None:

@@ -96,6 +96,13 @@ def test_csv_text_columns_stay_text_and_labels_keep_their_type(tmp_path):
     assert data.labels == ["1", "2", "a"]  # pandas gives strings for a mixed column: three classes
     bools = DatasetAdapter.from_csv(csv_file(tmp_path, "text,label\nx,True\ny,False\n", "b.csv"))
     assert bools.labels == ["False", "True"] and bools.dataset["label"] == [1, 0]
+    # Codes written with leading zeros are not numbers: "007" and "7" are two classes.
+    codes = DatasetAdapter.from_csv(csv_file(tmp_path, "text,label\na,007\nb,042\nc,7\nd,100\n", "c.csv"))
+    assert codes.labels == ["007", "042", "100", "7"] and codes.dataset["label"] == [0, 1, 3, 2]
+    ints = DatasetAdapter.from_csv(csv_file(tmp_path, "text,label\na,10\nb,2\nc,-1\n", "i.csv"))
+    assert ints.labels == ["-1", "2", "10"]  # ordered as numbers
+    floats = DatasetAdapter.from_csv(csv_file(tmp_path, "text,label\na,0.5\nb,2\nc,1e-3\n", "f.csv"))
+    assert floats.task == "regression" and floats.dataset["label"] == [0.5, 2.0, 0.001]
 
 
 RECORDS = [{"text": "a good film", "label": "pos"}, {"text": "dull", "label": "neg"}]
