@@ -141,8 +141,16 @@ class Inference:
 
         Multi-label: a label is on where its probability reaches `threshold`, else its tuned
         threshold (`calibrate`), else 0.5. Binary classification: the second label where its
-        probability reaches the tuned `threshold` (`calibrate(threshold=...)`), else the argmax.
+        probability reaches `threshold`, else the tuned one (`calibrate(threshold=...)`), else
+        the argmax. More classes: the argmax (a `threshold` is refused).
+
+        Raises:
+            ConfigError: `threshold` for a regression model or one of more than two classes.
         """
+        many = self.task == "classification" and len(self.labels or ()) > 2
+        if threshold is not None and (self.task == "regression" or many):
+            what = "a regression model" if self.task == "regression" else f"{len(self.labels)} classes"
+            raise ConfigError(f"threshold= decides multi-label and binary models, not {what}")
         if self.task == "regression":
             out = self.logits(texts, text_pairs, batch_size, precision)
             return out[:, 0].tolist() if out.shape[1] == 1 else out.tolist()

@@ -18,7 +18,12 @@ from . import _families
 
 
 def cls(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return hidden[:, 0]  # (B, H)
+    # The first position whose mask is 1: column 0 is padding in a left-padded row.
+    if mask is None:  # forward() without a mask: no padding
+        return hidden[:, 0]
+    positions = torch.arange(mask.shape[1], 0, -1, device=mask.device)  # (T,) T..1
+    index = (mask * positions).argmax(1)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
 
 
 def mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

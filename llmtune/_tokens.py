@@ -91,8 +91,8 @@ def encode(
     Without `stride` a text is one row, truncated to `max_length` tokens. With it, a text
     longer than that becomes overlapping windows of `max_length` tokens, `stride` tokens
     of overlap between neighbours (the tokenizer's `return_overflowing_tokens`
-    convention); a pair is windowed over its second text. A text that fits is one row
-    either way, with the same tokens.
+    convention); a pair is windowed over its second text (a first text too long for that
+    is cut: `cap_first`). A text that fits is one row either way, with the same tokens.
     """
     if stride is None:
         if pairs is not None:
@@ -100,6 +100,8 @@ def encode(
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         rows = {"input_ids": enc["input_ids"], "text": list(range(len(texts)))}
     else:
+        if pairs is not None:
+            texts = cap_first(tokenizer, texts, pairs, max_length, stride)
         enc = tokenizer(
             texts,
             pairs,
@@ -111,7 +113,53 @@ def encode(
         rows = {"input_ids": enc["input_ids"], "text": list(enc["overflow_to_sample_mapping"])}
     if "token_type_ids" in enc:
         rows["token_type_ids"] = enc["token_type_ids"]
+    if empty := [i for i, ids in enumerate(rows["input_ids"]) if not ids]:
+        # A tokenizer that adds no special tokens (GPT-2's, Qwen2's) reads "" as no tokens at
+        # all, which nothing can pool; an empty text reads as end-of-text instead.
+        filler = empty_id(tokenizer)
+        for i in empty:
+            rows["input_ids"][i] = [filler]
+            if "token_type_ids" in rows:
+                rows["token_type_ids"][i] = [0]
     return rows
+
+
+def empty_id(tokenizer: Any) -> int:
+    """The token an empty text reads as: end-of-sequence, else beginning, padding or unknown."""
+    ids = (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    return int(next(i for i in ids if i is not None))
+
+
+def cap_first(tokenizer: Any, first: list[str], second: list[str], max_length: int, stride: int) -> list[str]:
+    """First texts of pairs too long to window cut to half a window's room.
+
+    Windows slide over the second text only; a first text that fills the window leaves the
+    second no room (the tokenizer raises, or panics where the room left is `stride` or less).
+    A pair that fits in one window is left whole, as it is without `stride`.
+
+    Raises:
+        ConfigError: `stride` leaves the second texts no room to advance at `max_length`.
+    """
+    if not getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
+        return first
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    keep = room // 2
+    spans = tokenizer(first, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    long = [i for i, span in enumerate(spans) if len(span) > keep]
+    if not long:
+        return first
+    lengths = tokenizer([second[i] for i in long], add_special_tokens=False)["input_ids"]
+    cut = [i for i, ids in zip(long, lengths) if len(spans[i]) + len(ids) > room]
+    if cut and room - keep <= stride:
+        raise ConfigError(
+            f"stride={stride}: windows over the second texts of pairs hold {room - keep} of their "
+            f"tokens at max_length={max_length} (the first text keeps at most {keep}); use a stride "
+            f"under {room - keep}."
+        )
+    first = list(first)
+    for i in cut:
+        first[i] = first[i][: spans[i][keep][0]]  # exactly `keep` tokens before the cut
+    return first
 
 
 def aggregate(rows: np.ndarray, text: np.ndarray | None, how: str = "mean") -> np.ndarray:

@@ -34,11 +34,12 @@ CONTEXT_MAX_TEXTS = 500  # up to this many training texts new rows start by thei
 
 
 def may_grow(model: nn.Module) -> bool:
-    """Whether new rows of `model` would train: no `tune()`, or `Full()` (the others freeze them)."""
-    from .tuning import Full  # tuning imports the model, which imports this module
+    """Whether new rows of `model` would train: no `tune()`, or `Full()` (the others freeze them),
+    and an encoder not frozen by hand (new rows would make its embedding train)."""
+    from .tuning import Full, encoder_frozen  # tuning imports the model, which imports this module
 
     tuning = getattr(model, "tuning", None)
-    return tuning is None or isinstance(tuning, Full)
+    return (tuning is None or isinstance(tuning, Full)) and not encoder_frozen(model)
 
 
 def unknown_spans(tokenizer: Any, texts: Sequence[str], min_count: int = 2) -> list[str]:
@@ -161,6 +162,7 @@ def add_rows(
         embedding.weight[ids] = drawn.to(embedding.weight)
     embedding.weight.requires_grad_(True)
     embedding.llmtune_new_rows = trainable  # read by OptimizerFactory: these rows train at head_lr
+    embedding.weight.llmtune_grown = True  # and loggers report its LR as the head's
     handle = getattr(embedding, "llmtune_mask_handle", None)
     if handle is not None:
         handle.remove()

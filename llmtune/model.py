@@ -175,6 +175,11 @@ class ClassifierModel(Inference, nn.Module):
         self.stride, self.aggregation = _window_settings(stride, aggregation, tokenizer, self.max_length)
         # A decoder's positions follow the mask and it keeps no KV cache (see `encode`).
         self.decoder = _families.family(config).decoder
+        if not self.decoder and getattr(tokenizer, "padding_side", "right") == "left":
+            # An encoder numbers positions from column 0: padding on the left would move a
+            # short text's tokens, and its outputs would depend on the batch it is in.
+            tokenizer.padding_side = "right"
+            logger.info("tokenizer pads on the left; an encoder's is set to pad on the right")
         if gradient_checkpointing:
             _enable_checkpointing(encoder)
         width = len(labels) if labels is not None else (num_labels or 1)
@@ -368,12 +373,14 @@ class ClassifierModel(Inference, nn.Module):
 
         Raises:
             ConfigError: the tokenizer is not a fast one, the input embedding is not an
-                `nn.Embedding`, or a strategy other than `Full()` was applied already.
+                `nn.Embedding`, a strategy other than `Full()` was applied already, or the
+                encoder was frozen by hand.
         """
         if not _vocabulary.may_grow(self):
+            done = f"tune({type(self.tuning).__name__}(...))" if self.tuning else "freezing the encoder"
             raise ConfigError(
-                f"extend_vocabulary after tune({type(self.tuning).__name__}(...)): the new rows would "
-                "not train; call it before tune()"
+                f"extend_vocabulary after {done}: the new rows would not train (or would unfreeze "
+                "the embedding); call it before"
             )
         if hasattr(data, "dataset"):  # a DatasetAdapter: both texts of a pair
             texts = list(data.dataset["text"]) + (list(data.dataset["text_pair"]) if data.has_pairs else [])

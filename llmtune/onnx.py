@@ -24,6 +24,7 @@ from torch import nn
 from llmtune_onnx import META_FILE, MODEL_FILE, QUANTIZED_FILE, OnnxClassifier, load
 
 from . import _atomic
+from ._tokens import empty_id
 from .errors import ConfigError
 
 __all__ = ["export", "quantize", "load", "OnnxClassifier"]
@@ -166,7 +167,9 @@ def export(model: nn.Module, directory: str | os.PathLike, *, opset: int | None 
         "output": output,
         "max_length": net.max_length,
         "pad_id": int(tokenizer.pad_token_id),
+        "empty_id": empty_id(tokenizer),  # what an empty text reads as (`_tokens.encode`)
         "pad_left": tokenizer.padding_side == "left",
+        "truncation_side": getattr(tokenizer, "truncation_side", "right"),
         "thresholds": getattr(model, "thresholds", None),
         "threshold": getattr(model, "threshold", None),
     }

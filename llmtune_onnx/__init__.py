@@ -47,16 +47,25 @@ def decide(
     """Labels from probabilities: `ClassifierModel.predict`'s rule, shared with it so both decide alike.
 
     Multi-label: a label is on where its probability reaches `override`, else its tuned
-    threshold (`thresholds`), else 0.5. Classification: with a tuned `threshold` a binary
-    model picks its second label at or above it; otherwise the argmax.
+    threshold (`thresholds`), else 0.5. Classification: a binary model picks its second label
+    where its probability reaches `override`, else the tuned `threshold`; otherwise the argmax.
+
+    Raises:
+        ValueError: `override` for a model of more than two classes (no one cut decides there).
     """
     if task == "multilabel":
         cut: Any = (
             override if override is not None else np.asarray(thresholds if thresholds is not None else 0.5)
         )
         return [[labels[j] for j in np.flatnonzero(row >= cut)] for row in probs]
-    if threshold is not None and probs.shape[1] == 2:
-        return [labels[int(p >= threshold)] for p in probs[:, 1]]
+    if override is not None and len(labels) != 2:
+        raise ValueError(
+            f"threshold= decides multi-label and binary models; this one has {len(labels)} classes "
+            "(its prediction is the most probable)"
+        )
+    cut = override if override is not None else threshold
+    if cut is not None and probs.shape[1] == 2:
+        return [labels[int(p >= cut)] for p in probs[:, 1]]
     return [labels[i] for i in probs.argmax(-1)]
 
 
@@ -96,11 +105,15 @@ class OnnxClassifier:
         self.inputs: list[str] = meta["inputs"]
         self.output: str = meta["output"]
         self.pad_id, self.pad_left = int(meta["pad_id"]), bool(meta["pad_left"])
+        self.empty_id = int(meta.get("empty_id", self.pad_id))  # exports before it had none
         # Decision thresholds that ClassifierModel.calibrate tuned (exports before them have none).
         self.thresholds: list[float] | None = meta.get("thresholds")
         self.threshold: float | None = meta.get("threshold")
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        self.tokenizer.enable_truncation(int(meta["max_length"]))
+        # Which end a long text loses, as the model's tokenizer chose (exports before: the right).
+        self.tokenizer.enable_truncation(
+            int(meta["max_length"]), direction=meta.get("truncation_side", "right")
+        )
         self.tokenizer.no_padding()  # padded per batch below
         options = onnxruntime.SessionOptions()
         if threads is not None:
@@ -126,7 +139,10 @@ class OnnxClassifier:
         if not texts:
             return out
         encodings = self.tokenizer.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
-        lengths = np.array([len(e.ids) for e in encodings])
+        # An empty text with no special tokens around it reads as one token, as in llmtune.
+        ids = [e.ids or [self.empty_id] for e in encodings]
+        type_ids = [e.type_ids or [0] for e in encodings]
+        lengths = np.array([len(i) for i in ids])
         order = np.argsort(lengths, kind="stable")
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -136,10 +152,10 @@ class OnnxClassifier:
             for row, i in enumerate(rows):
                 n = int(lengths[i])
                 cols = slice(longest - n, longest) if self.pad_left else slice(0, n)
-                feed["input_ids"][row, cols] = encodings[i].ids
+                feed["input_ids"][row, cols] = ids[i]
                 feed["attention_mask"][row, cols] = 1
                 if "token_type_ids" in feed:
-                    feed["token_type_ids"][row, cols] = encodings[i].type_ids
+                    feed["token_type_ids"][row, cols] = type_ids[i]
             out[rows] = self.session.run([self.output], feed)[0]
         return out
 
@@ -162,8 +178,11 @@ class OnnxClassifier:
 
         Decisions follow `ClassifierModel.predict`: multi-label turns a label on where its
         probability reaches `threshold`, else the calibrated per-label threshold, else 0.5; a
-        binary classifier with a calibrated threshold picks its second label at or above it.
+        binary classifier picks its second label where its probability reaches `threshold`,
+        else the calibrated threshold.
         """
+        if self.task == "regression" and threshold is not None:
+            raise ValueError("threshold= decides labels; a regression model has none")
         out = self.outputs(texts, text_pairs, batch_size)
         if self.task == "regression":
             return out[:, 0].tolist() if out.shape[1] == 1 else out.tolist()

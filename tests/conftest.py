@@ -52,6 +52,30 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A GPT-2-style byte-level BPE tokenizer: no special tokens around a text, so "" is no tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(sentiment_texts(200)[0], trainer)
+    end = "<|endoftext|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=end,
+        bos_token=end,
+        unk_token=end,
+        pad_token=end,
+        model_max_length=1024,
+    )
+
+
 def build_tokenizer():
     """A WordPiece tokenizer over the sentiment words, with [CLS] ... [SEP] around each text."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers

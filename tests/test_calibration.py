@@ -101,6 +101,22 @@ def test_binary_threshold_for_a_target_precision(trained):
         model.__class__.calibrate(_multi(model), val, threshold="f1")
 
 
+def test_a_threshold_given_to_predict_decides_a_binary_model_and_is_refused_where_none_can(trained):
+    # It was silently ignored outside multi-label: 0.99 and 0.01 gave the same labels.
+    model, val = trained
+    texts = list(val.dataset["text"])
+    probs = model.predict_proba(texts, precision="fp32")[:, 1]
+    for cut in (0.01, 0.5, 0.99):
+        expected = [model.labels[int(p >= cut)] for p in probs]
+        assert model.predict(texts, threshold=cut, precision="fp32") == expected
+    assert set(model.predict(texts, threshold=0.0, precision="fp32")) == {model.labels[1]}
+    with pytest.raises(ConfigError, match="not 3 classes"):
+        _multi(model).predict(texts, threshold=0.5)
+    regression = ClassifierModel(model.encoder, model.tokenizer, task="regression")
+    with pytest.raises(ConfigError, match="not a regression model"):
+        regression.predict(texts, threshold=0.5)
+
+
 def _multi(model):
     clone = ClassifierModel(model.encoder, model.tokenizer, labels=["a", "b", "c"])
     return clone

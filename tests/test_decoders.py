@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import sentiment_texts
-from families import DECODERS, ENCODERS, tiny_backbone
+from families import DECODERS, FAMILIES, tiny_backbone
 
 from llmtune import ClassifierModel, ConfigError, DatasetAdapter, FineTuner, LoRA, OptimizerFactory
 
@@ -34,15 +34,21 @@ def test_a_decoder_pools_its_last_token(family, tokenizer, tmp_path):
     torch.testing.assert_close(model.eval().encode(ids, mask), hidden[:, 3])
 
 
-# Decoders' tokenizers pad on either side; encoders' on the right.
-SIDES = [(f, side) for f in DECODERS for side in ("right", "left")] + [(f, "right") for f in ENCODERS]
+# Tokenizers pad on either side (an encoder's is set to pad on the right), with every pooling.
+SIDES = [
+    (f, side, pooling) for f in FAMILIES for side in ("right", "left") for pooling in ("cls", "mean", "last")
+]
 
 
-@pytest.mark.parametrize(("family", "side"), SIDES)
-def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(family, side, tokenizer, monkeypatch):
+@pytest.mark.parametrize(("family", "side", "pooling"), SIDES)
+def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(
+    family, side, pooling, tokenizer, monkeypatch
+):
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.padding_side = side
-    model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=["a", "b"], dropout=0.0)
+    model = ClassifierModel(
+        tiny_backbone(family, len(tokenizer)), tokenizer, labels=["a", "b"], dropout=0.0, pooling=pooling
+    )
     batch = model.logits(TEXTS, precision="fp32")
     alone = np.concatenate([model.logits([text], precision="fp32") for text in TEXTS])
     np.testing.assert_allclose(batch, alone, rtol=0, atol=1e-5)
@@ -50,6 +56,23 @@ def test_a_row_gives_the_same_logits_alone_and_in_a_padded_batch(family, side, t
     monkeypatch.setattr("llmtune._runtime.pad_multiple", lambda device: 8)
     padded = model.logits(TEXTS, batch_size=1, precision="fp32")
     np.testing.assert_allclose(padded, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_an_empty_text_reads_as_end_of_text_where_the_tokenizer_adds_nothing(family, bpe_tokenizer):
+    # A byte-level BPE tokenizer reads "" as no tokens: nothing to pool, alone or in a batch.
+    assert bpe_tokenizer("")["input_ids"] == []
+    model = ClassifierModel(
+        tiny_backbone(family, len(bpe_tokenizer)), bpe_tokenizer, labels=["a", "b"], dropout=0.0
+    )
+    alone = model.logits([""], precision="fp32")
+    np.testing.assert_allclose(model.logits(["", TEXTS[1]], precision="fp32")[:1], alone, atol=1e-5)
+    end = model.logits(["<|endoftext|>"], precision="fp32")
+    np.testing.assert_allclose(alone, end, atol=1e-6)
+    data = DatasetAdapter.from_lists(["", "", "good", "awful"], ["a", "a", "b", "b"])
+    tuner = FineTuner(model, epochs=1, batch_size=2, progress=False, group_by_length=True, precision="fp32")
+    tuner.fit(data, data)
+    assert np.isfinite(tuner.evaluate(data)["loss"])
 
 
 def test_a_tokenizer_without_pad_pads_with_eos_and_says_so(tokenizer, caplog):

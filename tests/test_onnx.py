@@ -103,6 +103,24 @@ def test_a_decoder_exports_with_left_padding(tokenizer, tmp_path):
     np.testing.assert_allclose(exported.outputs(TEXTS), reference(model, TEXTS), atol=1e-4)
 
 
+def test_an_empty_text_and_the_truncation_side_read_as_in_torch(bpe_tokenizer, tokenizer, tmp_path):
+    model = build(bpe_tokenizer, "gpt2", "classification")  # "" is no tokens to this tokenizer
+    model.export_onnx(tmp_path / "bpe")
+    exported = llmtune_onnx.load(tmp_path / "bpe")
+    for texts in ([""], ["", "good", "", "the plot was weak"]):
+        np.testing.assert_allclose(exported.outputs(texts), reference(model, texts), atol=1e-4)
+    import copy
+
+    keep_end = copy.deepcopy(tokenizer)
+    keep_end.truncation_side = "left"  # a long text keeps its end
+    model = build(keep_end, "bert", "classification")
+    model.export_onnx(tmp_path / "left")
+    texts = ["good lovely superb " + "awful " * 40, "awful " * 40 + "good lovely superb"]
+    np.testing.assert_allclose(
+        llmtune_onnx.load(tmp_path / "left").outputs(texts), reference(model, texts), atol=1e-4
+    )
+
+
 def _left(tokenizer):
     import copy
 

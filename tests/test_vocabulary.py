@@ -206,8 +206,17 @@ def test_fit_leaves_the_vocabulary_of_readable_text_and_of_frozen_encoders(make_
     frozen = make_model().tune(HeadOnly())  # features are cached: new rows could not train
     FineTuner(frozen, max_steps=1, progress=False).fit(unreadable_task())
     assert embedding_of(frozen).shape[0] == len(tokenizer)
-    with pytest.raises(ConfigError, match="before tune"):
+    with pytest.raises(ConfigError, match=r"after tune\(HeadOnly\(...\)\)"):
         frozen.extend_vocabulary(unreadable_task())
+    # Frozen by hand, as docs/peft.md allows: growing would make the embedding train.
+    by_hand = make_model()
+    for p in by_hand.encoder.parameters():
+        p.requires_grad_(False)
+    FineTuner(by_hand, max_steps=1, progress=False).fit(unreadable_task())
+    assert embedding_of(by_hand).shape[0] == len(tokenizer)
+    assert not any(p.requires_grad for p in by_hand.encoder.parameters())
+    with pytest.raises(ConfigError, match="after freezing the encoder"):
+        by_hand.extend_vocabulary(unreadable_task())
 
 
 def test_a_grown_model_saves_and_loads_to_the_same_logits(make_model, tmp_path):

@@ -149,6 +149,29 @@ def test_text_pairs_are_windowed_over_the_second_text(tokenizer):
     assert model.logits(["good film"], [long]).shape == (1, 2)
 
 
+def test_a_pairs_long_first_text_is_cut_so_the_second_can_be_windowed(tokenizer):
+    # The tokenizer alone raises (first text over max_length) or panics (room left <= stride).
+    model = ClassifierModel(tiny_encoder(tokenizer), tokenizer, labels=["a", "b"], max_length=32, stride=8)
+    long_first, long_second = long_texts(2)[0]
+    first_tokens = len(tokenizer(long_first, add_special_tokens=False)["input_ids"])
+    assert first_tokens > 32
+    room = 32 - tokenizer.num_special_tokens_to_add(pair=True)
+    for first in (long_first, " ".join(long_first.split()[:24])):
+        rows = encode(tokenizer, [first], [long_second], 32, 8)
+        assert len(rows["text"]) > 2 and all(len(r) <= 32 for r in rows["input_ids"])
+        kept = rows["input_ids"][0].index(tokenizer.sep_token_id) - 1
+        assert kept == room // 2  # the first text's share of each window
+        assert model.logits([first], [long_second]).shape == (1, 2)
+    # A pair that fits one window keeps its first text whole, as without stride.
+    short = encode(tokenizer, [" ".join(long_first.split()[:20])], ["good"], 64, 8)
+    assert (
+        short["input_ids"]
+        == encode(tokenizer, [" ".join(long_first.split()[:20])], ["good"], 64)["input_ids"]
+    )
+    with pytest.raises(ConfigError, match="stride=15: windows over the second texts of pairs hold 15"):
+        encode(tokenizer, [long_first], [long_second], 32, 15)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_windows_aggregate_each_window_read_alone_on_every_family(tokenizer, family):
     encoder = tiny_backbone(family, len(tokenizer), tokenizer.pad_token_id).eval()
