@@ -130,15 +130,23 @@ def load_tokenizer(source: str, vocab_size: int | None) -> Any:
             f"{source} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
             "tokenizer there too (tokenizer.save_pretrained), or every word would become [UNK]."
         )
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        if _saved_as_plain_fast(source) and type(tokenizer).__name__ not in _PLAIN_FAST:
-            # transformers 5 rebuilds such a tokenizer as the model type's own class (a
-            # WordPiece tokenizer saved beside a Qwen2 model came back as byte-level BPE):
-            # load exactly the tokenizer.json that was saved.
-            from transformers import PreTrainedTokenizerFast
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            if _saved_as_plain_fast(source) and type(tokenizer).__name__ not in _PLAIN_FAST:
+                # transformers 5 rebuilds such a tokenizer as the model type's own class (a
+                # WordPiece tokenizer saved beside a Qwen2 model came back as byte-level BPE):
+                # load exactly the tokenizer.json that was saved.
+                from transformers import PreTrainedTokenizerFast
 
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    except Exception as err:  # the tokenizers library raises its own types for a broken file
+        if not Path(source).is_dir():
+            raise  # a Hub name: transformers' own error says what went wrong
+        raise CheckpointError(
+            f"{source}: cannot read its tokenizer ({type(err).__name__}: {err}); the directory is "
+            "damaged: save the tokenizer there again."
+        ) from err
     if vocab_size and len(tokenizer) < vocab_size // 2:
         raise ConfigError(
             f"{source}: the tokenizer has {len(tokenizer)} tokens but the encoder's vocabulary "

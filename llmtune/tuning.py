@@ -19,7 +19,7 @@ from torch import nn
 
 from . import _families, _runtime
 from ._layers import layer_depths, layers_of
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from ._batching import BatchLoader
@@ -206,6 +206,20 @@ class BitFit(TuningStrategy):
     def trains(self, name: str, num_layers: int) -> bool:
         return name.rsplit(".", 1)[-1] == "bias"
 
+    def apply(self, model: ClassifierModel) -> ClassifierModel:
+        """Freeze all but the biases (see `TuningStrategy.apply`).
+
+        Raises:
+            ConfigError: the encoder has no bias terms (Llama, Gemma, ModernBERT): BitFit would
+                quietly be HeadOnly.
+        """
+        if not any(self.trains(name, 0) for name, _ in model.encoder.named_parameters()):
+            raise ConfigError(
+                f"BitFit trains an encoder's bias terms, and this {type(model.encoder).__name__} has "
+                "none: only the head would train. Use HeadOnly() for that, or LoRA()."
+            )
+        return super().apply(model)
+
 
 @dataclass(frozen=True)
 class LoRA(TuningStrategy):
@@ -308,35 +322,76 @@ class LoRA(TuningStrategy):
         if name and Path(name).is_dir():
             name = str(Path(name).resolve())  # a relative directory would break from another cwd
         record = {**super().record(model), "targets": targets}
-        return {**record, "base_model": name, "base_sha256": base_checksum(base)}
+        # Rows a grown vocabulary added are not the base's: left out of its checksum, and the
+        # base is grown to hold them again before the adapter (which saved them) loads.
+        new = new_row_ranges(base)
+        return {**record, "base_model": name, "base_sha256": base_checksum(base, new), "new_rows": new}
 
     @staticmethod
     def attach(model: ClassifierModel, directory: str | Path, record: dict[str, Any]) -> ClassifierModel:
         """Put the adapter saved in `directory` on `model`'s base encoder (trainable, as after `apply`)."""
         peft = _import_peft()
-        if record.get("base_sha256") not in (None, base_checksum(model.encoder)):
+        new = record.get("new_rows") or []
+        if record.get("base_sha256") not in (None, base_checksum(model.encoder, new)):
             logger.warning(
                 "the base encoder's weights differ from those the adapter in %s was trained on; "
                 "its predictions will differ from the saved model's",
                 directory,
             )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model.encoder = peft.PeftModel.from_pretrained(model.encoder, str(directory), is_trainable=True)
+        rows = max([len(model.tokenizer), *(end for _, end in new)])
+        if rows > model.encoder.get_input_embeddings().num_embeddings:
+            model.encoder.resize_token_embeddings(rows, mean_resizing=False)
+        adapters = [Path(directory) / f for f in ("adapter_model.safetensors", "adapter_model.bin")]
+        if not any(f.is_file() for f in adapters):  # else peft takes the directory for a Hub name
+            raise CheckpointError(f"{directory} has no adapter_model.safetensors (a damaged LoRA directory)")
+        quiet = dict(message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", **quiet)
+                encoder = peft.PeftModel.from_pretrained(model.encoder, str(directory), is_trainable=True)
+        except Exception as err:  # safetensors' and json's own error types for a broken file
+            raise CheckpointError(
+                f"{directory}: cannot load the LoRA adapter ({type(err).__name__}: {err}); the "
+                "directory is damaged, or the adapter is for another base encoder."
+            ) from err
+        model.encoder = encoder
         fields = {k: v for k, v in record.items() if k in ("r", "alpha", "dropout", "targets")}
         return LoRA(**fields)._finish(model)
 
 
-def base_checksum(encoder: nn.Module) -> str:
-    """SHA-256 of an encoder's base weights (adapters left out), to tell a wrong base apart."""
+def base_checksum(encoder: nn.Module, skip: list[list[int]] | None = None) -> str:
+    """SHA-256 of an encoder's base weights (adapters left out), to tell a wrong base apart;
+    input-embedding rows in the `skip` ranges ([start, end)) or past them are left out too."""
     digest = hashlib.sha256()
+    embedding = encoder.get_input_embeddings().weight
     named = {
         name.replace(".base_layer", ""): p for name, p in encoder.named_parameters() if "lora_" not in name
     }
     for name in sorted(named):
+        weight = named[name]
+        if weight is embedding and skip:
+            keep = torch.ones(len(weight), dtype=torch.bool)
+            for start, end in skip:
+                keep[start:end] = False
+            weight = weight[keep[: len(weight)]]
         digest.update(name.encode())
-        digest.update(named[name].detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def new_row_ranges(encoder: nn.Module) -> list[list[int]]:
+    """The input-embedding rows `extend_vocabulary` added, as [start, end) ranges."""
+    new = getattr(encoder.get_input_embeddings(), "llmtune_new_rows", None)
+    if new is None or not new.any():
+        return []
+    ids = torch.nonzero(new).flatten().tolist()
+    ranges = [[ids[0], ids[0] + 1]]
+    for i in ids[1:]:
+        if i == ranges[-1][1]:
+            ranges[-1][1] = i + 1
+        else:
+            ranges.append([i, i + 1])
+    return ranges
 
 
 def merge_adapters(model: ClassifierModel) -> ClassifierModel:

@@ -169,3 +169,14 @@ def test_log_model_before_any_fit_is_refused(tmp_path):
 def test_log_every_must_be_positive():
     with pytest.raises(ValueError, match="log_every"):
         TensorBoardLogger("runs", log_every=0)
+
+
+def test_a_grown_vocabulary_does_not_pass_its_rows_lr_off_as_the_encoders(make_model):
+    # The new rows train at the head's LR, in one group with head.bias.
+    from llmtune import OptimizerFactory
+    from llmtune.loggers.base import learning_rates
+
+    model = make_model()
+    assert model.extend_vocabulary(["the film 很好", "真差 plot", "很好看", "太差了"] * 3)
+    optimizer, _ = OptimizerFactory.adamw(lr=5e-5, head_lr=1e-3).build(model, 10)
+    assert learning_rates(optimizer) == {"train/lr": 5e-5, "train/head_lr": 1e-3}

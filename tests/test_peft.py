@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import sentiment_texts, tiny_encoder
+from families import tiny_backbone
 
 from llmtune import (
     BitFit,
+    CheckpointError,
     ClassifierModel,
     ConfigError,
     DatasetAdapter,
@@ -87,6 +89,14 @@ def test_bitfit(make_model):
     biases = {n for n, _ in model.named_parameters() if n.startswith("encoder.") and n.endswith(".bias")}
     assert encoder_trainable == biases and len(biases) > 10
     assert BitFit().counts(model).trainable == _numel(model, lambda n: n in biases) + HEAD
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "modernbert"])
+def test_bitfit_refuses_an_encoder_without_biases(tokenizer, family):
+    # It would have trained the head alone and called it BitFit.
+    model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=["a", "b"])
+    with pytest.raises(ConfigError, match="has none: only the head would train"):
+        model.tune(BitFit())
 
 
 def test_lora_parameters(make_model):
@@ -296,6 +306,42 @@ def test_lora_save_load_round_trip(model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="llmtune"):
         ClassifierModel.from_pretrained(tmp_path / "lora", base=other)
     assert "weights differ" in caplog.text
+
+
+def test_a_grown_vocabulary_under_lora_saves_and_loads(model_dir, tmp_path, caplog):
+    # The adapter saves the grown embedding; the base loads at its own size and must grow first.
+    texts = ["the film 很好", "真差 plot", "很好看", "太差了"] * 3
+    model = ClassifierModel.from_pretrained(model_dir, labels=["neg", "pos"])
+    assert model.extend_vocabulary(texts)
+    model.tune(LoRA(r=2))
+    _perturb_adapters(model)
+    expected = model.logits(texts, precision="fp32")
+    model.save_pretrained(tmp_path / "lora")
+    with caplog.at_level(logging.WARNING, logger="llmtune"):
+        reloaded = ClassifierModel.from_pretrained(tmp_path / "lora")
+    assert "weights differ" not in caplog.text  # the new rows are not the base's
+    np.testing.assert_allclose(reloaded.logits(texts, precision="fp32"), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "adapter_model.safetensors").unlink(), "has no adapter_model.safetensors"),
+        (lambda d: _halve(d / "adapter_model.safetensors"), "cannot load the LoRA adapter .*SafetensorError"),
+        (lambda d: (d / "adapter_config.json").write_text("{not json"), "cannot load the LoRA adapter"),
+        (lambda d: (d / "tokenizer.json").write_text("xx"), "cannot read its tokenizer"),
+    ],
+)
+def test_a_damaged_lora_directory_is_named_in_a_checkpoint_error(model_dir, tmp_path, damage, message):
+    model = ClassifierModel.from_pretrained(model_dir, labels=["neg", "pos"]).tune(LoRA(r=2))
+    model.save_pretrained(tmp_path / "lora")
+    damage(tmp_path / "lora")
+    with pytest.raises(CheckpointError, match=message):
+        ClassifierModel.from_pretrained(tmp_path / "lora")
+
+
+def _halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def test_lora_without_base_record_needs_base(make_model, model_dir, tmp_path):

@@ -25,11 +25,14 @@ def require(package: str, what: str) -> None:
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """`train/lr` (the encoder's largest, as scheduled) and `train/head_lr` (the head's own group)."""
+    """`train/lr` (the encoder's largest, as scheduled) and `train/head_lr` (the head's own group;
+    a grown vocabulary's new rows share it, as new weights)."""
     rates: dict[str, float] = {}
     for group in optimizer.param_groups:
         names = group.get("param_names") or ()
-        key = "train/head_lr" if names and all(n.startswith("head.") for n in names) else "train/lr"
+        params = group["params"]
+        new = [n.startswith("head.") or getattr(p, "llmtune_grown", False) for n, p in zip(names, params)]
+        key = "train/head_lr" if new and all(new) else "train/lr"
         rates[key] = max(rates.get(key, 0.0), float(group["lr"]))
     return rates
 
