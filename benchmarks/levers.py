@@ -28,6 +28,8 @@ the Trainer paragraph of the e5 section, the regression section) come from these
     python benchmarks/levers.py warmup --data reviews-zh --encoder minilm --size full --max-length 512
     python benchmarks/levers.py tapt --data reviews-zh --encoder minilm --size 1000 --max-length 512
     python benchmarks/levers.py tapt-long --data reviews-zh --encoder minilm --size 1000 --max-length 512
+    python benchmarks/levers.py wise --data tweets --size 8 --seeds 0 1 2 3 4 5 6 7 8 9
+    python benchmarks/levers.py wise --data reviews-zh --encoder e5 --size 8 --max-length 512 --seeds 0
 
 A lever is `(stack, seed, train, model options) -> FineTuner options`: it enters its patches
 in `stack`, may add model options and may put what it measured of itself in `REPORT`.
@@ -355,6 +357,43 @@ def tapt(
     return {}
 
 
+def wise(stack: ExitStack, seed: int, train, extra: dict, alphas=(0.0, 0.25, 0.5, 0.75)) -> dict:
+    """WiSE-FT (Wortsman et al. 2022) from the probe: the weights (1 - a) * probed + a * fine-tuned.
+    One run a seed; the test scores at each `a` go in REPORT (a = 1 is the defaults' own row).
+    Only runs the probe starts (the short ones) have a probed state to interpolate from."""
+    probe_head, fit, evaluate = FineTuner.probe_head, FineTuner.fit, FineTuner.evaluate
+    probed: dict = {}
+
+    def probe_then_keep(self, *args, **kwargs):
+        out = probe_head(self, *args, **kwargs)
+        probed.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return out
+
+    def fit_then_mark(self, *args, **kwargs):
+        out = fit(self, *args, **kwargs)
+        self._wise_fitted = True
+        return out
+
+    def evaluate_along(self, data, *args, **kwargs):
+        if not getattr(self, "_wise_fitted", False) or not probed:
+            return evaluate(self, data, *args, **kwargs)
+        tuned = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        for a in alphas:
+            mixed = {k: (1 - a) * probed[k] + a * v if v.is_floating_point() else v for k, v in tuned.items()}
+            self.model.load_state_dict(mixed)
+            scores = evaluate(self, data, *args, **kwargs)
+            REPORT.update(
+                {f"{name}@{a}": float(v) for name, v in scores.items() if name in ("accuracy", "f1", "mse")}
+            )
+        self.model.load_state_dict(tuned)
+        return evaluate(self, data, *args, **kwargs)
+
+    stack.enter_context(mock.patch.object(FineTuner, "probe_head", probe_then_keep))
+    stack.enter_context(mock.patch.object(FineTuner, "fit", fit_then_mark))
+    stack.enter_context(mock.patch.object(FineTuner, "evaluate", evaluate_along))
+    return {}
+
+
 LEVERS = {
     "defaults": lambda stack, seed, train, extra: {},
     "rows-near-mean": rows_near_mean,
@@ -373,6 +412,7 @@ LEVERS = {
     "label-smoothing": label_smoothing,
     "warmup": warmup,
     "tapt": tapt,
+    "wise": wise,
     "tapt-long": lambda stack, seed, train, extra: tapt(
         stack, seed, train, extra, epochs=12, mask=0.3, body_lr=1e-4
     ),
