@@ -120,6 +120,10 @@ def scaled_dot_product_attention(
     return (output, weights) if return_weights else output
 
 
+# Attention inputs that change the result and that this does not compute: refused, not ignored.
+UNSUPPORTED = ("position_bias", "softcap", "s_aux", "sinks", "indices", "head_mask")
+
+
 def llmtune_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -147,16 +151,19 @@ def llmtune_attention_forward(
         attention_mask: Boolean or additive float mask broadcastable to (B, H, L, S), or None.
         scaling: Score multiplier; None means 1 / sqrt(E).
         dropout: Dropout on the weights, only used while ``module.training``.
-        **kwargs: ``is_causal`` is honoured; other transformers kwargs are ignored.
+        **kwargs: ``is_causal`` is honoured; those in ``UNSUPPORTED`` are refused when set;
+            other transformers kwargs (sliding windows arrive in the mask) are ignored.
 
     Returns:
         ``(attn_output, attn_weights)``: output (B, L, H, Ev) and weights (B, H, L, S).
 
     Raises:
-        NotImplementedError: For ``position_bias`` or ``softcap``, which this does not support.
+        NotImplementedError: For ``position_bias``, ``softcap``, attention sinks (``s_aux``,
+            ``sinks``: GPT-OSS) or packed ``indices``, which this does not support.
     """
-    if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("llmtune attention supports neither position_bias nor softcap")
+    unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported:  # computing without them would be another model's attention, silently
+        raise NotImplementedError(f"llmtune attention does not support {', '.join(unsupported)}")
     groups = getattr(module, "num_key_value_groups", 1)
     key = key.repeat_interleave(groups, dim=1)  # (B, H, S, E)
     value = value.repeat_interleave(groups, dim=1)  # (B, H, S, Ev)
