@@ -86,10 +86,11 @@ def run_record(tuner: FineTuner, train: Any, validation: Any) -> dict[str, Any]:
     from .callbacks import KeepBest
 
     records = tuner.state.history.records
-    kept = next((c.best_epoch for c in tuner.callbacks if isinstance(c, KeepBest) and c.weights), None)
+    keeper = next((c for c in tuner.callbacks if isinstance(c, KeepBest) and c.weights), None)
+    kept = None if keeper is None else keeper.best_epoch
     chosen = next((r for r in records if kept is not None and r.get("epoch") == kept + 1), None)
-    if kept == -1 and tuner.probe_metrics:  # the probed head, before the first epoch, was the best
-        chosen = {"epoch": 0, **{f"val_{k}": v for k, v in tuner.probe_metrics.items()}}
+    if kept == -1:  # the probed head, before the first epoch, was the best (kept across a resume)
+        chosen = {"epoch": 0, **{f"val_{k}": v for k, v in (keeper.best_metrics or {}).items()}}
     chosen = chosen or (records[-1] if records else {})
     return {
         "setup": training_setup(tuner, train, validation),
@@ -152,12 +153,15 @@ def _body(model: Any, name: str, base: str, record: dict[str, Any] | None) -> st
     if labels:
         lines += ["", "Labels: " + ", ".join(f"`{label}`" for label in labels) + "."]
     if record is None:
-        lines += ["", "It was saved without a training record: it has not been trained with `FineTuner.fit`."]
+        lines += ["", "It was saved without a training record (no `FineTuner.fit` in its history)."]
     else:
         setup = record["setup"]
         lines += ["", "## Training", "", f"Trained on {record['date']}: {record['epochs_run']} epochs, "]
         lines[-1] += f"{record['steps']} optimizer steps, on {setup.get('data.train_examples')} examples"
-        lines[-1] += f" ({record['data']['train']}); validated on {setup.get('data.validation_examples')}."
+        checked = setup.get("data.validation_examples")
+        lines[-1] += f" ({record['data']['train']}); " + (
+            f"validated on {checked}." if checked is not None else "no validation data."
+        )
         lines += ["", "| setting | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in setup.items() if v not in (None, "")]
         if record["validation"]:
@@ -185,11 +189,12 @@ def _calibration_lines(model: Any) -> list[str]:
     thresholds, threshold = getattr(model, "thresholds", None), getattr(model, "threshold", None)
     if (temperature, thresholds, threshold) == (1.0, None, None):
         return []
+    link = "sigmoid" if getattr(model, "task", None) == "multilabel" else "softmax"  # as predict_proba
     lines = [
         "",
         "## Calibration",
         "",
-        f"Probabilities are softmax(logits / {temperature:.4g}) (temperature scaling",
+        f"Probabilities are {link}(logits / {temperature:.4g}) (temperature scaling",
     ]
     lines[-1] += " fitted by `ClassifierModel.calibrate` on held-out data)."
     if thresholds is not None:

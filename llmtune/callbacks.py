@@ -189,12 +189,13 @@ class KeepBest(_Monitor):
         self.confidence, self.resamples = confidence, resamples
         self.weights: dict[str, torch.Tensor] | None = None
         self.best_epoch: int | None = None
+        self.best_metrics: dict[str, float] | None = None  # all validation metrics of the kept state
         self.reference: tuple[Any, Any] | None = None  # the first state's validation (logits, targets)
 
     def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
         super().on_fit_start(tuner, state)
         # A new fit (a resumed one gets them back after this) must not end on the last one's weights.
-        self.reference, self.weights, self.best_epoch = None, None, None
+        self.reference, self.weights, self.best_epoch, self.best_metrics = None, None, None, None
 
     def on_evaluate(
         self,
@@ -212,7 +213,7 @@ class KeepBest(_Monitor):
                 self.reference = outputs
             elif not self._convincing(tuner, state, outputs, metrics[self.monitor]):
                 return
-        self.best, self.best_epoch = metrics[self.monitor], state.epoch
+        self.best, self.best_epoch, self.best_metrics = metrics[self.monitor], state.epoch, dict(metrics)
         # Frozen parameters never change, so only the trainable ones need a copy.
         self.weights = {
             name: p.detach().to("cpu", copy=True)
@@ -253,6 +254,7 @@ class KeepBest(_Monitor):
         return {
             **super().state_dict(),
             "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
             "weights": self.weights,
             "reference": reference,
         }
@@ -260,6 +262,7 @@ class KeepBest(_Monitor):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.best_epoch, self.weights = state["best_epoch"], state["weights"]
+        self.best_metrics = state.get("best_metrics")  # checkpoints before it had none
         reference = state.get("reference")  # absent from checkpoints written before it was kept
         self.reference = None if reference is None else tuple(t.numpy() for t in reference)
 

@@ -279,6 +279,7 @@ class ClassifierModel(Inference, nn.Module):
                 [getattr(model, k) for k in reading],
             )
         _loading.load_head(model.head, directory)
+        model.training_record = saved.get("training_record")
         if tuning.get("name") == "LoRA":
             from .tuning import LoRA
 
@@ -303,6 +304,8 @@ class ClassifierModel(Inference, nn.Module):
         }
         if self.tuning is not None:  # LoRA's record says which base encoder the adapter needs
             config["tuning"] = self.tuning.record(self)
+        if getattr(self, "training_record", None):  # the card of a reloaded, re-saved model keeps it
+            config["training_record"] = self.training_record
         return config
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

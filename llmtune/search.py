@@ -359,7 +359,7 @@ def search(
         trial.set_user_attr("history", history.records)
         if pruning.pruned:
             raise optuna.TrialPruned(f"stopped after epoch {len(history)}")
-        value = _kept_value(tuner, history, metric, keep)
+        value = _kept_value(history, metric, keep)
         if math.isnan(value):
             return value  # Optuna marks the trial failed
         if keep_best and (best["value"] is None or better(value, best["value"])):
@@ -390,12 +390,11 @@ def search(
     )
 
 
-def _kept_value(tuner: FineTuner, history: Any, metric: str, keep: list[KeepBest]) -> float:
-    """`metric` of the state the fit ended with: the kept epoch's (or the probed head's), else the last."""
-    epoch = keep[0].best_epoch if keep and keep[0].best_epoch is not None else None
-    if epoch is not None and epoch < 0:
-        value = (tuner.probe_metrics or {}).get(metric)
+def _kept_value(history: Any, metric: str, keep: list[KeepBest]) -> float:
+    """`metric` of the state the fit ended with: the one KeepBest kept (maybe the probe), else the last."""
+    if keep and keep[0].weights is not None and keep[0].best_metrics:
+        value = keep[0].best_metrics.get(metric)
     else:
         values = history[f"val_{metric}"]
-        value = values[-1 if epoch is None else epoch] if values else None
+        value = values[-1] if values else None
     return math.nan if value is None else float(value)

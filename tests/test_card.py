@@ -76,3 +76,38 @@ def test_the_card_says_how_a_calibrated_windowed_model_reads_and_decides(tokeniz
     text = ModelCard.load(tmp_path / "m" / "README.md").text
     assert "| model.stride | 4 |" in text and "| model.aggregation | mean |" in text
     assert "softmax(logits / 1.7)" in text and "probability 0.35 or above" in text
+
+
+def test_a_reloaded_model_keeps_its_record_and_the_card_says_what_was_done(make_model, tmp_path):
+    tuner, history, _, val = fitted(make_model())
+    tuner.model.save_pretrained(tmp_path / "first")
+    first = ModelCard.load(tmp_path / "first" / "README.md").text
+    # Loaded, calibrated and saved again: still the same training (it had said "not trained").
+    reloaded = ClassifierModel.from_pretrained(tmp_path / "first")
+    reloaded.calibrate(val)
+    reloaded.save_pretrained(tmp_path / "again")
+    again = ModelCard.load(tmp_path / "again" / "README.md").text
+    assert "without a training record" not in again
+    assert first.split("## Validation")[1].split("##")[0] == again.split("## Validation")[1].split("##")[0]
+    assert "Probabilities are softmax(logits" in again
+    texts, labels = sentiment_texts(40)
+    multi = DatasetAdapter.from_lists(texts, [[y] for y in labels], task="multilabel")
+    model = make_model(labels=multi.labels, task="multilabel")
+    FineTuner(model, epochs=1, progress=False).fit(multi)  # and no validation data
+    model.calibrate(multi)
+    model.save_pretrained(tmp_path / "multi")
+    text = ModelCard.load(tmp_path / "multi" / "README.md").text
+    assert "no validation data" in text and "None" not in text.split("## Training")[1].split("\n")[2]
+    assert "Probabilities are sigmoid(logits" in text  # as predict_proba computes them
+
+
+def test_keep_best_keeps_the_kept_states_metrics_through_a_checkpoint(make_model):
+    # A resumed run has no probe_metrics of its own: the card read the last epoch instead.
+    from llmtune import KeepBest
+
+    tuner, history, _, _ = fitted(make_model())
+    keep = next(c for c in tuner.callbacks if isinstance(c, KeepBest))
+    restored = KeepBest()
+    restored.load_state_dict(keep.state_dict())
+    assert restored.best_metrics == keep.best_metrics
+    assert restored.best_metrics["f1"] == pytest.approx(history.records[keep.best_epoch]["val_f1"])
