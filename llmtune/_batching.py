@@ -163,16 +163,25 @@ class BatchLoader:
         else:
             order = rng.permutation(n) if self.shuffle else np.arange(n)
             batches = [order[i : i + size] for i in range(0, n, size)]
-        # A batch too short to give every rank an example would leave a rank idle (and hang DDP).
-        short = size if self.drop_last else self.world_size
-        return [b for b in batches if len(b) >= short]
+        if self.drop_last:
+            return [b for b in batches if len(b) >= size]
+        # A batch too short to give every rank an example would leave a rank idle (and hang
+        # DDP): it joins the last full one, so every example still trains once an epoch.
+        full = [b for b in batches if len(b) >= self.world_size]
+        short = [b for b in batches if len(b) < self.world_size]
+        if short and full:
+            full[-1] = np.concatenate([full[-1], *short])
+        elif short:
+            raise ValueError(f"{n} examples cannot give each of {self.world_size} ranks one")
+        return full
 
     def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
         """This rank's share of each global batch: contiguous slices, as even as possible.
 
         With one process this is just the global batches; with W ranks of batch B, step j
         of the W ranks together covers exactly the batch j that one process with batch W*B
-        would take, so data-parallel training sees the same data order.
+        would take, so data-parallel training sees the same data order (except that a last
+        batch of fewer than W examples joins the one before it).
         """
         return [np.array_split(b, self.world_size)[self.rank] for b in self.global_batches(epoch)]
 

@@ -131,11 +131,13 @@ def read_state(path: Path) -> dict[str, Any]:
 def read_rng(path: Path) -> dict[str, Any]:
     state = read_torch(path)
     with reading(path):  # tried on throwaway generators, so a bad state fails here and not later
-        random.Random().setstate(_python_state(state["python"]))
-        np.random.RandomState().set_state(_numpy_state(state["numpy"]))
-        torch.Generator().set_state(state["torch"])
-        for t in [*state.get("cuda", []), *([state["mps"]] if "mps" in state else [])]:
-            _expect(isinstance(t, torch.Tensor) and t.dtype == torch.uint8, "a device RNG state is not bytes")
+        for one in [state, *state.get("ranks", [])]:
+            random.Random().setstate(_python_state(one["python"]))
+            np.random.RandomState().set_state(_numpy_state(one["numpy"]))
+            torch.Generator().set_state(one["torch"])
+            for t in [*one.get("cuda", []), *([one["mps"]] if "mps" in one else [])]:
+                is_bytes = isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                _expect(is_bytes, "a device RNG state is not bytes")
     return state
 
 
@@ -386,9 +388,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def write_files(
-    directory: Path, tuner: FineTuner, state: TrainState, epoch_done: bool, data: dict[str, Any] | None
+    directory: Path,
+    tuner: FineTuner,
+    state: TrainState,
+    epoch_done: bool,
+    data: dict[str, Any] | None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write every checkpoint file into `directory` (a temporary one: see `_atomic`)."""
+    """Write every checkpoint file into `directory` (a temporary one: see `_atomic`).
+
+    `rng_ranks`: every data-parallel rank's RNG states (their dropout draws differ), kept
+    beside this process's so that each rank of a resumed run continues its own stream.
+    """
     from safetensors.torch import save_model
 
     model = tuner.model
@@ -396,7 +407,10 @@ def write_files(
     torch.save(state.optimizer.state_dict(), directory / OPTIMIZER_FILE)
     torch.save(state.scheduler.state_dict(), directory / SCHEDULER_FILE)
     torch.save(state.scaler.state_dict(), directory / SCALER_FILE)
-    torch.save(rng_state(), directory / RNG_FILE)
+    rng = rng_state()
+    if rng_ranks is not None and len(rng_ranks) > 1:
+        rng["ranks"] = rng_ranks
+    torch.save(rng, directory / RNG_FILE)
     callbacks = [{"class": type(c).__name__, "state": _callback_state(c)} for c in tuner.callbacks]
     torch.save(callbacks, directory / CALLBACKS_FILE)
     _write_json(directory / STATE_FILE, state_record(state, epoch_done))

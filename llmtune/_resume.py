@@ -65,7 +65,10 @@ class Resumed:
             logger.warning("resuming from %s: saved state of %s has no callback now", self.path, homeless)
         if starved:
             logger.warning("resuming from %s: %s got no saved state; they start fresh", self.path, starved)
-        fmt.set_rng_state(self.rng)
+        # Each rank continues its own stream where the run had as many ranks; else rank 0's.
+        ranks = self.rng.get("ranks")
+        same = ranks is not None and len(ranks) == tuner.dist.world_size
+        fmt.set_rng_state(ranks[tuner.dist.rank] if same else self.rng)
 
 
 def match_callbacks(

@@ -24,7 +24,7 @@ def plan_steps(
 
     `max_steps` wins; else `epochs` passes; else 3 passes or `min_steps`, whichever is more.
     """
-    total = max_steps or (epochs or DEFAULT_EPOCHS) * steps_per_epoch
+    total = max_steps if max_steps is not None else (epochs or DEFAULT_EPOCHS) * steps_per_epoch
     if max_steps is not None or epochs is not None or total >= min_steps:
         return total, False
     raised = math.ceil(min_steps / steps_per_epoch)

@@ -71,6 +71,7 @@ def save_checkpoint(
     *,
     epoch_done: bool = False,
     data: dict[str, Any] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write the run's complete state to directory `path`, atomically.
 
@@ -81,6 +82,7 @@ def save_checkpoint(
         epoch_done: True at an epoch's end (its record is in the history): a resumed run
             starts the next epoch. False after an optimizer step inside an epoch.
         data: `data_fingerprint(train)`, checked when the run resumes.
+        rng_ranks: every data-parallel rank's RNG states (`Checkpoint` gathers them).
 
     Returns:
         The checkpoint directory.
@@ -89,7 +91,9 @@ def save_checkpoint(
         TrainingError: a weight is NaN or inf (the checkpoint would be poisoned).
     """
     _check_finite(tuner.model)
-    return _atomic.write_atomically(path, lambda tmp: fmt.write_files(tmp, tuner, state, epoch_done, data))
+    return _atomic.write_atomically(
+        path, lambda tmp: fmt.write_files(tmp, tuner, state, epoch_done, data, rng_ranks)
+    )
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -196,6 +200,12 @@ class Checkpoint(Callback):
         if self.best is not None:
             self.best.best = state["best"]
         self.best_path = None if state["best_path"] is None else self.directory / state["best_path"]
+        # A run killed between a best checkpoint and its marker left best.json naming an older
+        # one; the checkpoint's own state says which is best.
+        if self.best is not None and self.best_path is not None and _is_main():
+            marker = self.directory / BEST_FILE
+            if not marker.is_file() or fmt.read_json(marker).get("checkpoint") != self.best_path.name:
+                self._write_marker(self.best_path)
 
     def lock(self, tuner: FineTuner) -> None:
         """Make `directory` this run's until `on_fit_end` or `on_exception` (rank 0 only).
@@ -247,6 +257,8 @@ class Checkpoint(Callback):
     def on_evaluate(
         self, tuner: FineTuner, state: TrainState, *, metrics: dict[str, float], **kwargs: Any
     ) -> None:
+        if state.epoch < 0:  # the probed head's evaluation: no checkpoint holds that state
+            return
         self._improved = self.best is not None and self.best.improved(metrics)
 
     def on_epoch_end(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
@@ -256,25 +268,30 @@ class Checkpoint(Callback):
 
     def save(self, tuner: FineTuner, state: TrainState, *, epoch_done: bool) -> Path | None:
         """Write `step-N` now, mark it best if it is, and delete checkpoints beyond `keep_last`."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_rank() != 0:  # every rank holds the same weights; one writes
-                return None
+        # Every rank's RNG (a collective: every rank calls save at the same steps), then one writes.
+        rng_ranks = tuner.dist.gather_objects(fmt.rng_state()) if tuner.dist.enabled else None
+        if not _is_main():  # every rank holds the same weights; one writes
+            return None
         path = self.directory / f"step-{state.step:08d}"
         previous_best = self.best_path
-        if self._improved:
+        improved = self._improved and epoch_done  # only a save right after an evaluation is scored
+        if improved:
             self.best_path = path  # before saving, so the saved state names itself best
         try:
-            save_checkpoint(path, tuner, state, epoch_done=epoch_done, data=self._data)
+            save_checkpoint(path, tuner, state, epoch_done=epoch_done, data=self._data, rng_ranks=rng_ranks)
         except BaseException:
             self.best_path = previous_best
             raise
         self.last_path = path
-        if self._improved:
-            assert self.best is not None
-            marker = {"checkpoint": path.name, "monitor": self.best.monitor, "value": self.best.best}
-            _atomic.write_file_atomically(self.directory / BEST_FILE, json.dumps(marker))
+        if improved:
+            self._write_marker(path)
         self._prune()
         return path
+
+    def _write_marker(self, path: Path) -> None:
+        assert self.best is not None
+        marker = {"checkpoint": path.name, "monitor": self.best.monitor, "value": self.best.best}
+        _atomic.write_file_atomically(self.directory / BEST_FILE, json.dumps(marker))
 
     def _prune(self) -> None:
         found = list_checkpoints(self.directory)
@@ -282,3 +299,10 @@ class Checkpoint(Callback):
         for path in found:
             if path not in keep and path != self.best_path:
                 _atomic.remove(path)
+
+
+def _is_main() -> bool:
+    """Rank 0, or not distributed: the process that writes."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )

@@ -89,6 +89,14 @@ class DistributedContext:
             out[idx] = part
         return out
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process)."""
+        if not self.enabled:
+            return [obj]
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, obj, group=self.group)
+        return parts
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.group)

@@ -126,6 +126,8 @@ class FineTuner:
     ) -> None:
         if epochs is not None and epochs < 1 and max_steps is None:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
+        if max_steps is not None and max_steps < 1:  # 0 read as unset and ran a whole default run
+            raise ConfigError(f"max_steps must be >= 1 or None, got {max_steps}")
         if batch_size < grad_accum or batch_size % grad_accum:
             raise ConfigError(f"batch_size={batch_size} must be a multiple of grad_accum={grad_accum}")
         if nonfinite not in ("raise", "skip"):

@@ -253,6 +253,25 @@ def test_keep_last_and_best(make_model, data, tmp_path):
     assert json.loads((tmp_path / "best.json").read_text())["value"] == min(history["val_loss"])
 
 
+def test_best_is_an_evaluated_checkpoint_and_its_marker_heals_on_resume(make_model, data, tmp_path):
+    # The probed head's evaluation (before any step) marked the next mid-epoch save "best",
+    # weights nobody had evaluated, labelled with the probe's score.
+    train, val = data
+    saver = Checkpoint(tmp_path, every_n_steps=2, keep_last=1, monitor="loss")
+    tuner = make_tuner(make_model(), epochs=2, probe=True, callbacks=[saver], keep_best=False)
+    history = tuner.fit(train, val)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["value"] == min(history["val_loss"])  # an epoch's, not the probe's
+    assert best["checkpoint"] in {f"step-{s:08d}" for s in history["step"]}
+    # Killed between a best checkpoint and its marker: best.json names an older one.
+    (tmp_path / "best.json").write_text(json.dumps({**best, "checkpoint": "step-00000002"}))
+    again = Checkpoint(tmp_path, every_n_steps=2, keep_last=1, monitor="loss")
+    make_tuner(make_model(), epochs=2, probe=True, callbacks=[again], keep_best=False).fit(
+        train, val, resume_from="latest"
+    )
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == best["checkpoint"]
+
+
 def test_checkpoint_records_the_runs_configuration(make_model, data, tmp_path):
     train, _ = data
     make_tuner(make_model(labels=["neg", "pos"]), tmp_path, epochs=1, seed=3).fit(train)

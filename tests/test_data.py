@@ -208,6 +208,26 @@ def test_loader_epochs_differ_and_ranks_partition(tokenizer):
     assert set(seen[0]).isdisjoint(seen[1]) and len(seen[0]) + len(seen[1]) == 40
 
 
+@pytest.mark.parametrize("n", [57, 58, 61, 3])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_example_trains_once_an_epoch_on_any_number_of_ranks(tokenizer, n, grouped):
+    # A last global batch of fewer examples than ranks was dropped: 1 of 57 unseen each epoch.
+    data = DatasetAdapter.from_lists([f"word {'x ' * (i % 9)}" for i in range(n)], [i % 2 for i in range(n)])
+    for world in (1, 2, 3):
+        for epoch in (0, 1):
+            loaders = [
+                data.loader(
+                    tokenizer, batch_size=4, shuffle=True, group_by_length=grouped, rank=r, world_size=world
+                )
+                for r in range(world)
+            ]
+            shares = [loader.batch_indices(epoch) for loader in loaders]
+            assert len({len(s) for s in shares}) == 1  # every rank takes the same number of steps
+            assert all(len(b) >= 1 for s in shares for b in s)
+            seen = np.sort(np.concatenate([np.concatenate(s) for s in shares]))
+            assert seen.tolist() == list(range(n))
+
+
 # -- text the vocabulary cannot read ---------------------------------------------------------
 
 CHINESE = ["质量很好物超所值", "太差了完全不能用", "书的内容一般", "非常满意下次再来"]

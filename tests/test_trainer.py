@@ -311,6 +311,9 @@ def test_refuses_bad_data_before_training(make_model):
         tuner.fit(train, val)
     with pytest.raises(ConfigError, match="is for regression but the model is classification"):
         FineTuner(model, Objective.mse())
+    for steps in (0, -5):  # 0 ran a whole default run, -5 none
+        with pytest.raises(ConfigError, match=f"max_steps must be >= 1 or None, got {steps}"):
+            FineTuner(model, max_steps=steps)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
