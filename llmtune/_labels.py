@@ -101,7 +101,9 @@ def infer_task(values: Sequence[Any], labels: Sequence[Any] | None, source: str,
     """Guess the task: lists -> multilabel, floats -> regression, else classification.
 
     Texts that spell fractional numbers ("0.5", as pandas reads a column with one bad cell)
-    count as floats, and a float column with a few non-numbers is refused, naming the rows.
+    count as floats; a float column with a few non-numbers, or a column of whole numbers with
+    at most a tenth of non-numbers ("?", "x": a stray cell, not a class), is refused, naming
+    the rows.
     """
     kinds: dict[str, int] = {}
     for row, value in enumerate(values):
@@ -112,12 +114,14 @@ def infer_task(values: Sequence[Any], labels: Sequence[Any] | None, source: str,
         return "multilabel"
     if labels is None and set(kinds) <= {"int", "float", "str"}:
         numbers_ = [_number(value) for value in values]
+        bad = [row for row, n in enumerate(numbers_) if n is None and isinstance(values[row], str)]
         if "float" in kinds or any(n is not None and not n.is_integer() for n in numbers_):
-            bad = [row for row, n in enumerate(numbers_) if n is None and isinstance(values[row], str)]
             if 2 * len(bad) < len(values):  # mostly floats (or texts spelling them): regression
                 if bad:
                     raise _stray_text(values, bad, source, column)
                 return "regression"
+        elif bad and 10 * len(bad) <= len(values):  # whole numbers and a stray "?": not a new class
+            raise _stray_text(values, bad, source, column)
     return "classification"
 
 
@@ -141,6 +145,14 @@ def map_labels(
     """
     if task == "regression":
         return None, _targets(values, source, column)
+    if task == "multilabel" and (width := _multi_hot_width(values)):
+        names = _given_names(labels) if labels is not None else [str(i) for i in range(width)]
+        if len(names) != width:
+            raise DataError(
+                f"{source}, column {column!r}: rows are 0/1 vectors of {width} labels, but "
+                f"{len(names)} label names were given: {names}."
+            )
+        return names, [[float(v) for v in value] for value in values]
     rows = _flatten(values, task, source, column)
     names = _given_names(labels) if labels is not None else _names(rows, source, column)
     index = {name: i for i, name in enumerate(names)}
@@ -175,6 +187,23 @@ def map_labels(
     for row, value in rows:
         hot[row][one(value, row)] = 1.0
     return names, hot
+
+
+def _multi_hot_width(values: Sequence[Any]) -> int | None:
+    """K when every row is a 0/1 vector of one length K >= 2 (scikit-learn's MultiLabelBinarizer).
+
+    Read as lists of label names such rows repeat a name or give every row every label, so a
+    0/1 vector is the only sensible reading.
+    """
+    widths = set()
+    for value in values:
+        if _kind(value) != "list":
+            return None
+        if not all(_kind(v) in ("int", "float", "bool") and v in (0, 1) for v in value):
+            return None
+        widths.add(len(value))
+    width = widths.pop() if len(widths) == 1 else 0
+    return width if width >= 2 else None
 
 
 def _targets(values: Sequence[Any], source: str, column: str) -> list[float]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import numbers
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -249,7 +251,9 @@ class DatasetAdapter:
             seed: makes the split reproducible.
         """
         n = len(self)
-        n_val = round(validation * n) if isinstance(validation, float) else int(validation)
+        # A fraction is any float, numpy's too (np.float32(0.1) was read as the count 0).
+        fraction = isinstance(validation, numbers.Real) and not isinstance(validation, numbers.Integral)
+        n_val = round(float(validation) * n) if fraction else int(validation)
         if not 0 < n_val < n:
             raise DataError(f"validation={validation!r} leaves {n_val} of {n} examples for validation.")
         rng = np.random.default_rng(seed)
@@ -286,7 +290,9 @@ class DatasetAdapter:
         row carrying its text's label (see `_tokens.encode`).
         """
         key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_length, stride)
-        key += (tokenizer.padding_side,)
+        # Two vocabularies grown from one base to the same size differ in their added tokens.
+        added = hashlib.sha256(repr(sorted(tokenizer.get_added_vocab().items())).encode()).hexdigest()
+        key += (tokenizer.padding_side, getattr(tokenizer, "truncation_side", "right"), added)
         if key not in self._tokenized:
             pad = padding(tokenizer)
             pair, labelled = self.has_pairs, self.has_labels

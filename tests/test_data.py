@@ -141,6 +141,9 @@ def test_split_is_stratified_disjoint_and_reproducible():
     assert again.dataset["text"] == val.dataset["text"] != other.dataset["text"]
     with pytest.raises(DataError, match="leaves 0 of 100"):
         data.split(validation=0.001)
+    # numpy's floats are fractions too (np.float32(0.2) was read as the count 0), its ints counts.
+    assert [len(s) for s in data.split(validation=np.float32(0.2))] == [80, 20]
+    assert [len(s) for s in data.split(validation=np.int64(7))] == [93, 7]
 
 
 def test_dynamic_padding(tokenizer):
@@ -276,3 +279,26 @@ def test_fit_warns_before_training_when_the_vocabulary_cannot_read_the_text(make
         FineTuner(make_model(), max_steps=1, progress=False, extend_vocabulary=False).fit(unreadable)
     assert "100% of the tokens of reviews are the unknown token '[UNK]'" in caplog.text
     assert "multilingual" in caplog.text
+
+
+def test_tokenized_rows_are_cached_per_vocabulary_and_truncation_side(tokenizer):
+    # Two vocabularies grown from one base to the same size shared the cache key: the second
+    # model read the first one's ids.
+    import copy
+
+    data = DatasetAdapter.from_lists(["the film 很好", "太差 plot"], ["pos", "neg"])
+    a, b = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+    a.add_tokens(["很", "好"])
+    b.add_tokens(["太", "差"])
+    assert len(a) == len(b)
+
+    def first_row(data, tok, max_length=16):
+        rows = data.tokenize(tok, max_length)
+        return rows.input_ids[rows.offsets[0] : rows.offsets[1]].tolist()
+
+    for tok in (a, b):
+        assert first_row(data, tok) == tok(data.dataset["text"][0])["input_ids"]
+    left = copy.deepcopy(tokenizer)
+    left.truncation_side = "left"
+    long = DatasetAdapter.from_lists(["good " + "dull " * 30 + "awful"], ["neg"])
+    assert first_row(long, tokenizer, 8) != first_row(long, left, 8)

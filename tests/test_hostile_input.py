@@ -103,6 +103,11 @@ def test_csv_text_columns_stay_text_and_labels_keep_their_type(tmp_path):
     assert ints.labels == ["-1", "2", "10"]  # ordered as numbers
     floats = DatasetAdapter.from_csv(csv_file(tmp_path, "text,label\na,0.5\nb,2\nc,1e-3\n", "f.csv"))
     assert floats.task == "regression" and floats.dataset["label"] == [0.5, 2.0, 0.001]
+    # A stray "?" among star ratings is not a sixth class.
+    stars = "text,label\n" + "".join(f"t{i},{i % 5 + 1}\n" for i in range(20)) + "t,?\n"
+    with pytest.raises(DataError, match=r"numeric except row 20: '\?'"):
+        DatasetAdapter.from_csv(csv_file(tmp_path, stars, "s.csv"))
+    assert len(DatasetAdapter.from_csv(csv_file(tmp_path, stars, "s.csv"), task="classification").labels) == 6
 
 
 RECORDS = [{"text": "a good film", "label": "pos"}, {"text": "dull", "label": "neg"}]

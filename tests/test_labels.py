@@ -220,3 +220,24 @@ def test_check_trainable_refuses_a_single_class():
     val.select([0]).check_compatible(["x", "y"], "classification", "validation")  # one class is fine there
     with pytest.raises(DataError, match=r"training data \(lists\) has no label column"):
         DatasetAdapter.from_lists(["a"]).check_trainable()
+
+
+def test_multi_hot_vectors_are_read_as_such():
+    # MultiLabelBinarizer's rows were read as lists of the names "0" and "1": every row [1, 1].
+    rows = [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]]
+    data = DatasetAdapter.from_lists(list("abcd"), rows)
+    assert data.task == "multilabel" and data.labels == ["0", "1", "2"]
+    assert data.dataset["label"] == [[float(v) for v in r] for r in rows]
+    named = DatasetAdapter.from_lists(
+        list("ab"),
+        [np.array([True, False, True]), [0.0, 1.0, 0.0]],
+        label_names=["action", "comedy", "drama"],
+    )
+    assert named.dataset["label"] == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    with pytest.raises(DataError, match="0/1 vectors of 3 labels, but 2 label names"):
+        DatasetAdapter.from_lists(list("ab"), rows[:2], label_names=["x", "y"])
+    # Lists of names stay lists of names, integer names too.
+    assert DatasetAdapter.from_lists(list("ab"), [[0, 2], [1]]).dataset["label"] == [
+        [1.0, 0.0, 1.0],
+        [0.0, 1.0, 0.0],
+    ]
