@@ -102,7 +102,10 @@ def best_f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float:
     thresholds, _, _, f1 = _f1_curve(scores, truth)
     i = int(np.argmax(f1))
     below = thresholds[i + 1] if i + 1 < len(thresholds) else 0.0
-    return float((thresholds[i] + below) / 2)
+    # As a float32, what predict compares float32 probabilities with; two adjacent float32
+    # scores have no float32 between them, and then the cut is the upper score itself.
+    middle = np.float32((np.float64(thresholds[i]) + np.float64(below)) / 2)
+    return float(middle if middle > np.float32(below) else np.float32(thresholds[i]))
 
 
 def target_threshold(scores: np.ndarray, truth: np.ndarray, metric: str, target: float) -> float:
@@ -120,4 +123,6 @@ def target_threshold(scores: np.ndarray, truth: np.ndarray, metric: str, target:
             )
         return float(thresholds[ok[-1]])
     ok = np.flatnonzero(recall >= target)
-    return float(thresholds[ok[0]])  # recall reaches 1.0 at the lowest score, so ok is never empty
+    if not truth.any() or not len(ok):  # without positives recall is 0 at every threshold
+        raise ValueError(f"no threshold reaches recall {target} on this data: it holds no positives")
+    return float(thresholds[ok[0]])

@@ -86,6 +86,8 @@ def positions(config: Any) -> int | None:
     table = getattr(config, "max_position_embeddings", None)
     if not isinstance(table, int) or table <= 0:
         return None
+    if getattr(config, "position_biased_input", True) is False:  # DeBERTa-v3: relative positions only
+        return None
     if family(config).positions_after_pad:
         table -= (getattr(config, "pad_token_id", None) or 0) + 1
     return table

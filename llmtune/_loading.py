@@ -107,6 +107,11 @@ def read_head(directory: str) -> dict[str, Any] | None:
     return saved
 
 
+# from_pretrained options that decide how weights load, not which weights the config holds.
+LOADING_OPTIONS = frozenset(
+    {"dtype", "torch_dtype", "device_map", "quantization_config", "low_cpu_mem_usage", "attn_implementation"}
+)
+
 _PLAIN_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")  # a tokenizer.json, nothing more
 
 
@@ -215,7 +220,9 @@ def load_encoder(source: str, quantization: str | None = None, **kwargs: Any) ->
     stray = sorted(k for k in info["unexpected_keys"] if k.split(".")[0] in own)
     # A config changed on purpose (num_hidden_layers=2 keeps the first two layers) leaves
     # weights out by design; only a config as saved must fit its weights exactly.
-    reshaped = "config" in kwargs or any(hasattr(config, k) for k in kwargs)
+    # Loading options (dtype=...) are config attributes in transformers 5 but change no shape.
+    shaping = [k for k in kwargs if k not in LOADING_OPTIONS and hasattr(config, k)]
+    reshaped = "config" in kwargs or bool(shaping)
     if reshaped and stray:
         logger.info("%s: %d weights left out by the config given (%s)", source, len(stray), stray[0])
         stray = []

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import _families
+from .errors import ConfigError
 
 
 def cls(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,14 @@ def checkpoint_pooling(name_or_dir: str | os.PathLike, **hub_kwargs: Any) -> str
     if path is None:
         return "cls"
     config = json.loads(Path(path).read_text())
-    if config.get("pooling_mode_mean_tokens"):
-        return "mean"
-    return "cls"
+    modes = {"mean": "mean_tokens", "cls": "cls_token", "last": "lasttoken"}
+    for pooling, key in modes.items():
+        if config.get(f"pooling_mode_{key}"):
+            return pooling
+    used = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v)
+    if not used:
+        return "cls"
+    raise ConfigError(
+        f"{name_or_dir}: the checkpoint was trained with pooling {used}, which llmtune does not have; "
+        "pass pooling='mean', 'cls' or 'last' (or subclass ClassifierModel, see the guide)."
+    )

@@ -34,6 +34,12 @@ def test_best_f1_threshold_and_target_thresholds():
     assert C.target_threshold(scores, truth, "precision", 1.0) == 0.35  # the most recall at precision 1
     assert C.target_threshold(scores, truth, "recall", 0.75) == 0.35  # the most precision at recall .75
     assert C.best_f1_threshold(scores, np.zeros(7, dtype=bool)) == 0.5
+    with pytest.raises(ValueError, match="no threshold reaches recall 0.9 .* no positives"):
+        C.target_threshold(scores, np.zeros(7, dtype=bool), "recall", 0.9)  # was an IndexError
+    # Adjacent float32 scores: their float32 midpoint is one of them, and the cut took in a negative.
+    close = np.array([0.7, np.nextafter(np.float32(0.7), np.float32(0), dtype=np.float32), 0.1], np.float32)
+    cut = C.best_f1_threshold(close, np.array([True, False, False]))
+    assert (close >= cut).tolist() == [True, False, False]
 
 
 @pytest.fixture

@@ -77,6 +77,8 @@ def test_weights_the_config_has_no_place_for_are_refused_unless_asked_for(model_
     _edit_config(model_dir, num_hidden_layers=1)
     with pytest.raises(CheckpointError, match=r"not in the model \['encoder\.layer\.1\."):
         ClassifierModel.from_pretrained(model_dir, labels=["a", "b"])
+    with pytest.raises(CheckpointError, match="not in the model"):  # dtype= reshapes nothing
+        ClassifierModel.from_pretrained(model_dir, labels=["a", "b"], dtype=torch.float32)
     _edit_config(model_dir, num_hidden_layers=2)
     # Asked for: the first layer of a two-layer encoder, as the examples' --quick runs do.
     model = ClassifierModel.from_pretrained(model_dir, labels=["a", "b"], num_hidden_layers=1)
@@ -176,6 +178,14 @@ def test_max_length_is_capped_at_the_encoder_positions(tokenizer):
         assert model.predict([" ".join(["good"] * 500)])  # used to crash past the positions
         with pytest.raises(ConfigError, match=f"max_length=64 but the encoder has {positions} positions"):
             ClassifierModel(model.encoder, tokenizer, labels=["a", "b"], max_length=64)
+    # DeBERTa-v3 has no absolute position table (relative positions only): no such limit.
+    from families import tiny_config
+    from transformers import AutoModel
+
+    config = tiny_config("deberta-v2", len(tokenizer), max_positions=40)
+    config.position_biased_input = False
+    v3 = ClassifierModel(AutoModel.from_config(config), tokenizer, labels=["a", "b"], max_length=120)
+    assert v3.max_length == 120 and v3.logits([" ".join(["good"] * 200)]).shape == (1, 2)
 
 
 def test_a_tokenizer_without_pad_pads_with_eos_or_is_refused(tokenizer, make_model):

@@ -69,6 +69,14 @@ def test_from_pretrained_directory_and_pooling_auto(model_dir):
     (model_dir / "1_Pooling").mkdir()
     (model_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     assert ClassifierModel.from_pretrained(model_dir, num_labels=3).pooling == "mean"
+    pooling = model_dir / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    assert ClassifierModel.from_pretrained(model_dir, num_labels=3).pooling == "last"
+    pooling.write_text(json.dumps({"pooling_mode_max_tokens": True}))  # was read as CLS, silently
+    with pytest.raises(ConfigError, match=r"trained with pooling \['pooling_mode_max_tokens'\]"):
+        ClassifierModel.from_pretrained(model_dir, num_labels=3)
+    assert ClassifierModel.from_pretrained(model_dir, num_labels=3, pooling="mean").pooling == "mean"
+    pooling.write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     reg = ClassifierModel.from_pretrained(model_dir)
     assert reg.task == "regression" and reg.head.out_features == 1
     assert isinstance(reg.predict(["x", "y"])[0], float)
