@@ -56,8 +56,8 @@ def layer_depths(model: nn.Module) -> dict[str, int]:
     """Depth of every encoder parameter, by its name in `model.encoder`.
 
     Layer i has depth i + 1. Parameters before the first layer, and every embedding table
-    wherever it sits (DeBERTa's relative positions come after the layers), have depth 0;
-    the rest after the last layer (a final norm) have depth L + 1.
+    wherever it sits (DeBERTa's relative positions and their norm come after the layers),
+    have depth 0; the rest after the last layer (a final norm) have depth L + 1.
 
     Raises:
         ConfigError: the layers cannot be told apart (see `layers_of`).
@@ -66,6 +66,14 @@ def layer_depths(model: nn.Module) -> dict[str, int]:
     encoder = getattr(model, "encoder", model)
     in_layer = {id(p): i + 1 for i, layer in enumerate(layers) for p in layer.parameters()}
     embeddings = {id(p) for m in encoder.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    # DeBERTa(-v3)'s norm of its relative-position table sits after the layers, but every
+    # layer reads its output: it belongs with the embeddings, not on top.
+    embeddings |= {
+        id(p)
+        for m in encoder.modules()
+        if isinstance(getattr(m, "rel_embeddings", None), nn.Embedding) and isinstance(m.LayerNorm, nn.Module)
+        for p in m.LayerNorm.parameters()
+    }
     depths, seen_layers = {}, False
     for name, param in encoder.named_parameters():
         if id(param) in in_layer:

@@ -63,15 +63,16 @@ def fit_head(
     """Set `head` to the L2-regularised fit of `loss_fn` on (features, targets); returns the strength.
 
     The strength is the one with the lowest held-out loss summed over `folds` folds (fewer
-    when there are fewer examples) and the `validation` (features, targets), if given; the
-    final fit uses every training example.
+    when there are fewer examples, none for one) and the `validation` (features, targets), if
+    given (with neither, the first, strongest); the final fit uses every training example.
     """
     x = features.detach().float()
     y = targets.to(x.device)
     n = len(x)
     folds = max(2, min(folds, n // 2))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    parts = order.chunk(folds)
+    # One example has no held-out fold: the validation data decide alone, else the strongest L2.
+    parts = order.chunk(folds) if n >= 2 else ()
     with torch.enable_grad():
         scores = []
         for strength in strengths:

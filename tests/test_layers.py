@@ -66,3 +66,21 @@ def test_a_subclass_that_names_its_layers_reaches_every_user(tokenizer):
     groups = OptimizerFactory.adamw(lr=1.0, layer_decay=0.5).param_groups(model)
     lr = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert lr[id(model.encoder.get_input_embeddings().weight)] == 0.5
+
+
+def test_deberta_v3s_relative_position_norm_sits_with_the_embeddings(tokenizer):
+    # Its norm of the relative-position table comes after the layers in parameter order, but
+    # every layer reads it: as a "final norm" TopLayers(1) trained it and changed layer 0.
+    from families import tiny_config
+    from transformers import AutoModel
+
+    from llmtune._layers import layer_depths
+
+    config = tiny_config("deberta-v2", len(tokenizer))
+    config.update(dict(relative_attention=True, norm_rel_ebd="layer_norm", position_biased_input=False))
+    model = ClassifierModel(AutoModel.from_config(config), tokenizer, labels=["a", "b"])
+    depths = layer_depths(model)
+    assert depths["encoder.rel_embeddings.weight"] == depths["encoder.LayerNorm.weight"] == 0
+    model.tune(TopLayers(1))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("encoder.encoder.layer.1.", "head.")) for n in trained)

@@ -32,6 +32,16 @@ def test_the_probe_separates_separable_classes():
     assert accuracy >= 0.9
 
 
+def test_one_training_example_is_probed_without_folds(make_model):
+    # torch.cat of no folds crashed fit on a one-example regression set (a smoke test).
+    x, y = torch.randn(1, 8), torch.tensor([[0.5]])
+    assert fit_head(nn.Linear(8, 1), Objective.mse(), x, y) == STRENGTHS[0]  # the strongest, alone
+    val = (torch.randn(4, 8), torch.randn(4, 1))
+    assert fit_head(nn.Linear(8, 1), Objective.mse(), x, y, validation=val) in STRENGTHS
+    one = DatasetAdapter.from_lists(["good film"], [0.5])
+    FineTuner(make_model(task="regression"), progress=False).fit(one)
+
+
 def test_more_noise_chooses_a_stronger_penalty():
     x, y = separable(n=60)
     clean = fit_head(nn.Linear(8, 3), Objective.cross_entropy(), x, y)
