@@ -46,6 +46,10 @@ def training_setup(tuner: FineTuner, train: Any = None, validation: Any = None) 
     settings = tuner_settings(tuner)
     optimizer = settings.pop("optimizer")
     flat: dict[str, Any] = dict(settings)
+    # What the run does with those settings (epochs=None and probe=None leave it to the data).
+    state = getattr(tuner, "state", None)
+    flat["planned_steps"] = getattr(state, "total_steps", None)
+    flat["probed"] = getattr(tuner, "probed", None)
     flat["precision"] = _PRECISIONS.get(flat["precision"], flat["precision"])
     if isinstance(optimizer, dict):
         flat |= {f"optimizer.{k}": v for k, v in optimizer.items() if k != "options" or v}

@@ -240,6 +240,8 @@ def tuner_settings(tuner: FineTuner) -> dict[str, Any]:
     settings = {
         "epochs": tuner.epochs,
         "max_steps": tuner.max_steps,
+        "min_steps": tuner.min_steps,  # with epochs=None, what lengthens a short run
+        "probe": getattr(tuner, "probe", None),  # None: only short runs are probed
         # Examples per step over all data-parallel ranks: B on 2 ranks continues as 2B on one.
         "batch_size": tuner.batch_size * tuner.dist.world_size,
         "grad_accum": tuner.grad_accum,

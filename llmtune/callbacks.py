@@ -155,7 +155,10 @@ class EarlyStopping(_Monitor):
     def on_evaluate(
         self, tuner: FineTuner, state: TrainState, *, metrics: dict[str, float], **kwargs: Any
     ) -> None:
-        self.bad_epochs = 0 if self.improved(metrics) else self.bad_epochs + 1
+        if self.improved(metrics):  # an improvement never stops the run, whatever the patience
+            self.bad_epochs = 0
+            return
+        self.bad_epochs += 1
         if self.bad_epochs >= self.patience:
             logger.info("early stopping: %s did not improve for %d evaluations", self.monitor, self.patience)
             state.should_stop = True
@@ -292,9 +295,9 @@ class ProgressBar(Callback):
             return
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(
-            total=state.steps_per_epoch, desc=f"epoch {state.epoch + 1}", unit="step", leave=False
-        )
+        done = state.step - state.epoch * state.steps_per_epoch  # > 0 when resumed inside the epoch
+        title = f"epoch {state.epoch + 1}"
+        self.bar = tqdm(total=state.steps_per_epoch, initial=done, desc=title, unit="step", leave=False)
         self.examples, self.start = 0, time.perf_counter()
 
     def on_step_end(

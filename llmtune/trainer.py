@@ -136,6 +136,7 @@ class FineTuner:
         self.probe = probe
         self.extend_vocabulary = extend_vocabulary
         self.probe_metrics: dict[str, float] | None = None  # the probed head's validation metrics
+        self.probed: bool | None = None  # whether the last fit started from the probe
         self.objective = objective or Objective.for_task(model.task)
         if self.objective.task != model.task:
             raise ConfigError(
@@ -284,6 +285,7 @@ class FineTuner:
                 f"ClassifierModel has); {type(model).__name__} has not."
             )
         probed = checkpoint is None and probeable and (self.probe or (self.probe is None and small))
+        self.probed = probed  # what the run did with probe=None (logged, and on the model card)
         if probed:
             self.probe_head(loader, validation)
         epochs = math.ceil(total_steps / steps_per_epoch)

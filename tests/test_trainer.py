@@ -165,6 +165,28 @@ def test_early_stopping_and_history_file(make_model, sentiment, tmp_path):
     assert {"epoch", "step", "train_loss", "val_loss", "val_accuracy", "val_f1"} <= set(lines[0])
 
 
+def test_early_stopping_never_stops_on_an_improvement(make_model, sentiment):
+    # patience=0 stopped after every evaluation; with the probe's "epoch 0", before any step.
+    train, val = sentiment
+    stopper = EarlyStopping("loss", patience=0)
+    tuner = FineTuner(make_model(), epochs=2, probe=True, progress=False, callbacks=[stopper])
+    tuner.fit(train, val)
+    assert tuner.state.step > 0 and len(tuner.state.history) >= 1
+
+
+def test_the_logged_settings_say_how_the_run_was_planned(make_model, sentiment):
+    # epochs=None and probe=None left the logs without what the run did with them.
+    from llmtune._card import training_setup
+
+    train, val = sentiment
+    tuner = FineTuner(make_model(), progress=False)
+    tuner.fit(train, val)  # 10 steps an epoch: min_steps lengthens it, and the probe starts it
+    setup = training_setup(tuner, train, val)
+    assert setup["min_steps"] == tuner.min_steps and setup["probe"] is None
+    assert setup["probed"] is tuner.probed is True
+    assert setup["planned_steps"] == tuner.state.total_steps >= 100
+
+
 def test_keep_best_restores_best_weights(make_model, sentiment):
     train, val = sentiment
     model = make_model()
@@ -371,3 +393,13 @@ def test_fit_pads_batches_to_the_devices_multiple(make_model, monkeypatch, multi
     rounded = [w % 8 == 0 or w == longest for w in widths]
     assert len(widths) == 12
     assert all(rounded) if multiple == 8 else not all(rounded)
+
+
+def test_the_progress_bar_of_a_run_resumed_inside_an_epoch_counts_its_done_steps():
+    from llmtune import ProgressBar
+
+    bar = ProgressBar()
+    state = SimpleNamespace(step=3, epoch=0, steps_per_epoch=9)
+    bar.on_epoch_start(SimpleNamespace(is_main=True), state)
+    assert (bar.bar.n, bar.bar.total) == (3, 9)  # was 0 of 9, ending at 6 of 9
+    bar.bar.close()
