@@ -145,9 +145,9 @@ def load_tokenizer(source: str, vocab_size: int | None) -> Any:
                 from transformers import PreTrainedTokenizerFast
 
                 tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
-    except Exception as err:  # the tokenizers library raises its own types for a broken file
-        if not Path(source).is_dir():
-            raise  # a Hub name: transformers' own error says what went wrong
+    except Exception as err:
+        if not (Path(source).is_dir() and _is_damage(err)):
+            raise  # a Hub name, or a wrong argument: transformers' own error says what went wrong
         raise CheckpointError(
             f"{source}: cannot read its tokenizer ({type(err).__name__}: {err}); the directory is "
             "damaged: save the tokenizer there again."
@@ -221,8 +221,7 @@ def load_encoder(source: str, quantization: str | None = None, **kwargs: Any) ->
     # A config changed on purpose (num_hidden_layers=2 keeps the first two layers) leaves
     # weights out by design; only a config as saved must fit its weights exactly.
     # Loading options (dtype=...) are config attributes in transformers 5 but change no shape.
-    shaping = [k for k in kwargs if k not in LOADING_OPTIONS and hasattr(config, k)]
-    reshaped = "config" in kwargs or bool(shaping)
+    reshaped = "config" in kwargs or any(k not in LOADING_OPTIONS and hasattr(config, k) for k in kwargs)
     if reshaped and stray:
         logger.info("%s: %d weights left out by the config given (%s)", source, len(stray), stray[0])
         stray = []
