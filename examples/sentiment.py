@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from llmtune import ClassifierModel, DatasetAdapter, FineTuner, Objective, OptimizerFactory
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baselines import tfidf_lr  # noqa: E402
 
 
 def corpus_path() -> Path:
@@ -95,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return result
     print(f"trained in {elapsed:.0f} s")
     print(f"test accuracy {result['accuracy']:.3f}, macro-F1 {result['f1']:.3f} on {len(test)} tweets")
+    baseline = tfidf_lr(train, val, test)  # the linear model to beat, on the same split
+    print(f"TF-IDF + logistic regression: accuracy {baseline['accuracy']:.3f}, macro-F1 {baseline['f1']:.3f}")
+    result.update(tfidf_accuracy=baseline["accuracy"], tfidf_f1=baseline["f1"])
 
     model.save_pretrained(args.out)
     reloaded = ClassifierModel.from_pretrained(args.out)

@@ -42,7 +42,7 @@ def load(name: str):
 
 
 def test_every_example_has_main_and_quick():
-    for path in sorted(EXAMPLES.glob("*.py")):
+    for path in sorted(EXAMPLES.glob("[!_]*.py")):  # _name.py: a helper the examples share
         text = path.read_text()
         assert "def main(argv" in text, f"{path.name} has no main(argv=None)"
         assert "--quick" in text, f"{path.name} has no --quick flag"
@@ -117,7 +117,42 @@ def test_plot_history_quick(tmp_path):
 def test_sentiment_quick(tmp_path):
     result = load("sentiment").main(["--quick", "--out", str(tmp_path / "model")])
     assert 0.0 <= result["accuracy"] <= 1.0
+    assert 0.4 < result["tfidf_accuracy"] < 1.0  # the same split's linear baseline, above chance
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def _toy(texts: list[str], labels: list, task: str):
+    from llmtune import DatasetAdapter
+
+    return DatasetAdapter.from_lists(texts, labels, task=task)
+
+
+def test_tfidf_baseline_chooses_c_on_validation_and_scores_test():
+    tfidf_lr = load("_baselines").tfidf_lr
+    rng = np.random.default_rng(0)
+    words = {0: "awful bad", 1: "fine okay", 2: "great lovely"}
+
+    def draw(n: int, noise: float):
+        labels = rng.integers(0, 3, n)
+        shown = np.where(rng.random(n) < noise, rng.integers(0, 3, n), labels)  # the words lie sometimes
+        texts = [f"{words[int(s)]} day {rng.integers(1000)}" for s in shown]
+        return _toy(texts, [int(x) for x in labels], "classification")
+
+    train, val, test = draw(300, 0.1), draw(100, 0.1), draw(300, 0.0)
+    result = tfidf_lr(train, val, test)
+    assert result["C"] in load("_baselines").STRENGTHS
+    assert result["accuracy"] > 0.95 and result["f1"] > 0.95  # clean test words: the model read them
+
+    def numbers(n: int):
+        values = rng.normal(size=n)
+        return _toy(
+            [f"{'up' if v > 0 else 'down'} {rng.integers(50)}" for v in values], values.tolist(), "regression"
+        )
+
+    train, val, test = numbers(300), numbers(100), numbers(300)
+    result = tfidf_lr(train, val, test)
+    spread = float(np.var(test.dataset["label"]))
+    assert result["mse"] < 0.6 * spread  # the sign word explains most of the variance
 
 
 def test_notebook_runs(tmp_path):
