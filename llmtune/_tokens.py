@@ -61,11 +61,13 @@ def clip_pairs(
     in linear time. So each side of a long pair is cut at a token boundary after
     `max_length + margin` tokens, the longer side a margin later, which keeps what
     "longest_first" truncation looks at (which side is longer, the shorter one's length)
-    and so gives the same tokens.
+    and so gives the same tokens. A tokenizer that truncates on the left
+    (`truncation_side="left"`) keeps the ends of the texts, so there the starts are cut.
     """
     long = [i for i, (a, b) in enumerate(zip(first, second)) if min(len(a), len(b)) > max_length]
     if not long or not getattr(tokenizer, "is_fast", False):
         return first, second
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
     first, second = list(first), list(second)
     texts = [first[i] for i in long] + [second[i] for i in long]
     spans = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -73,7 +75,9 @@ def clip_pairs(
         a, b = spans[j], spans[len(long) + j]
         for side, mine, other in ((first, a, b), (second, b, a)):
             keep = max_length + margin * (2 if len(mine) > len(other) else 1)
-            if len(mine) > keep:
+            if len(mine) > keep and left:
+                side[i] = side[i][mine[-keep][0] :]  # exactly the last `keep` tokens
+            elif len(mine) > keep:
                 side[i] = side[i][: mine[keep][0]]  # exactly `keep` tokens before the cut
     return first, second
 

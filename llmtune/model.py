@@ -66,7 +66,13 @@ def _freeze_large_vocabulary(encoder: nn.Module) -> None:
 def _window_settings(stride: int | None, aggregation: str, tokenizer: Any, max_length: int) -> tuple:
     if aggregation not in AGGREGATIONS:
         raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    room = max_length - tokenizer.num_special_tokens_to_add()  # text tokens in one window
+    special = tokenizer.num_special_tokens_to_add()
+    room = max_length - special  # text tokens in one window
+    if room < 1:  # the tokenizer ignores a max_length of 0 or 1, and at `special` keeps no text
+        raise ConfigError(
+            f"max_length={max_length} leaves no room for text: the tokenizer adds {special} special "
+            f"tokens to each text; pass max_length > {special}."
+        )
     if stride is not None and not (isinstance(stride, int) and 0 <= stride < room):
         raise ConfigError(
             f"stride={stride!r}: the overlap of two windows must be an int in [0, {room}) at "
@@ -123,7 +129,8 @@ class ClassifierModel(Inference, nn.Module):
 
     Raises:
         ConfigError: unknown task or pooling, labels that contradict `num_labels`, empty or
-            duplicate labels, a `max_length` beyond the encoder's positions, or a tokenizer
+            duplicate labels, a `max_length` beyond the encoder's positions or with no room
+            for text beside the special tokens, or a tokenizer
             with neither a pad nor an end-of-sequence token to pad with.
 
     Example:

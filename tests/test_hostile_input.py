@@ -276,6 +276,22 @@ def test_long_pairs_tokenize_as_the_tokenizer_truncates_them(tokenizer):
             assert mine.input_ids[mine.offsets[i] : mine.offsets[i + 1]].tolist() == ids
 
 
+def test_long_pairs_keep_their_ends_when_the_tokenizer_truncates_on_the_left(tokenizer):
+    """truncation_side="left" keeps the ends of a long pair; cutting them first must not lose them."""
+    import copy
+
+    left = copy.deepcopy(tokenizer)
+    left.truncation_side = "left"
+    firsts = [" ".join(["good"] * 30 + ["awful"] * 10), "short", "the film " * 60]
+    seconds = [" ".join(["bad"] * 30 + ["superb"] * 10), "the plot " * 60, "dull " * 50]
+    data = DatasetAdapter.from_lists(firsts, [0, 1, 0], text_pairs=seconds)
+    for max_length in (16, 32):
+        mine = data.tokenize(left, max_length)
+        reference = left(firsts, seconds, truncation=True, max_length=max_length)
+        for i, ids in enumerate(reference["input_ids"]):
+            assert mine.input_ids[mine.offsets[i] : mine.offsets[i + 1]].tolist() == ids
+
+
 # -- properties ------------------------------------------------------------------------------
 
 # Texts that are classes: no surrounding spaces or missing-value words ("NA"), and no

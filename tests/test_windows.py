@@ -140,6 +140,17 @@ def test_bad_window_settings_are_refused(tokenizer, stride, aggregation):
         )
 
 
+@pytest.mark.parametrize("max_length", [0, 1, 2])
+def test_a_max_length_with_no_room_for_text_is_refused(tokenizer, max_length):
+    # 0 and 1 were ignored by the tokenizer (texts ran past the positions: a raw RuntimeError);
+    # 2 read every text as [CLS] [SEP], one output for all.
+    with pytest.raises(ConfigError, match=f"max_length={max_length} leaves no room for text"):
+        ClassifierModel(tiny_encoder(tokenizer), tokenizer, labels=["a", "b"], max_length=max_length)
+    assert (
+        ClassifierModel(tiny_encoder(tokenizer), tokenizer, labels=["a", "b"], max_length=3).max_length == 3
+    )
+
+
 def test_text_pairs_are_windowed_over_the_second_text(tokenizer):
     model = ClassifierModel(tiny_encoder(tokenizer), tokenizer, labels=["a", "b"], max_length=16, stride=4)
     long = long_texts(1)[0][0]
