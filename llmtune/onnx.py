@@ -95,6 +95,27 @@ def _exportable(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float().cpu()
 
 
+def _refuse_foreign_files(directory: Path, files: list[str]) -> None:
+    """Refuse to replace an earlier export that holds files it did not write (notes, a model card).
+
+    The earlier export's list of files says which are its own; without one (an older llmtune),
+    the files this export writes are taken for the export's.
+    """
+    if not directory.is_dir():
+        return
+    try:
+        ours = set(json.loads((directory / META_FILE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set(files)
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours | {QUANTIZED_FILE})
+    if foreign:
+        raise ConfigError(
+            f"{directory} holds files that are not an ONNX export: {foreign[:10]}; the export replaces "
+            "the directory whole, which would delete them. Move them elsewhere or export into an "
+            "empty or new directory."
+        )
+
+
 def export(model: nn.Module, directory: str | os.PathLike, *, opset: int | None = None) -> Path:
     """Write `directory` with `model.onnx`, the tokenizer files and `llmtune_onnx.json` (labels, task).
 
@@ -170,6 +191,8 @@ def export(model: nn.Module, directory: str | os.PathLike, *, opset: int | None 
         "empty_id": empty_id(tokenizer),  # what an empty text reads as (`_tokens.encode`)
         "pad_left": tokenizer.padding_side == "left",
         "truncation_side": getattr(tokenizer, "truncation_side", "right"),
+        # Whether "[SEP]" written in a text is that token or its characters: not in tokenizer.json.
+        "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
         "thresholds": getattr(model, "thresholds", None),
         "threshold": getattr(model, "threshold", None),
     }
@@ -189,7 +212,10 @@ def export(model: nn.Module, directory: str | os.PathLike, *, opset: int | None 
                 verbose=False,
             )
         tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        files = sorted({p.name for p in tmp.iterdir()} | {META_FILE, QUANTIZED_FILE})
+        _refuse_foreign_files(target, files)
+        # The list of files tells the next export which ones in the directory are the export's.
+        (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2))
 
     try:
         _atomic.write_atomically(target, write)

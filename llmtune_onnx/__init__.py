@@ -97,7 +97,21 @@ class OnnxClassifier:
         meta_file = directory / META_FILE
         if not meta_file.is_file():
             raise FileNotFoundError(f"{directory} holds no ONNX export ({META_FILE} is missing)")
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError as err:
+            raise ValueError(f"{meta_file} is damaged ({err}); export the model again") from None
+        graph = directory / (QUANTIZED_FILE if quantized else MODEL_FILE)
+        for path in (directory / "tokenizer.json", graph):
+            if not path.is_file():
+                remedy = (
+                    "llmtune.onnx.quantize(directory) writes it"
+                    if path.name == QUANTIZED_FILE
+                    else "export again"
+                )
+                raise FileNotFoundError(
+                    f"{directory} is an incomplete ONNX export: {path.name} is missing; {remedy}"
+                )
         if meta.get("format", 0) > FORMAT:
             raise ValueError(f"{meta_file}: written by a newer llmtune (format {meta['format']}); upgrade it")
         self.task: str = meta["task"]
@@ -109,16 +123,27 @@ class OnnxClassifier:
         # Decision thresholds that ClassifierModel.calibrate tuned (exports before them have none).
         self.thresholds: list[float] | None = meta.get("thresholds")
         self.threshold: float | None = meta.get("threshold")
-        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as err:  # tokenizers raises a bare Exception
+            raise ValueError(
+                f"{directory / 'tokenizer.json'} is damaged ({err}); export the model again"
+            ) from None
         # Which end a long text loses, as the model's tokenizer chose (exports before: the right).
         self.tokenizer.enable_truncation(
             int(meta["max_length"]), direction=meta.get("truncation_side", "right")
         )
         self.tokenizer.no_padding()  # padded per batch below
+        # Special tokens' text in a text is read as text where the tokenizer said so (before: not).
+        self.tokenizer.encode_special_tokens = bool(meta.get("split_special_tokens", False))
+        self.max_length, self.truncate_left = int(meta["max_length"]), meta.get("truncation_side") == "left"
+        self._plain = Tokenizer.from_file(str(directory / "tokenizer.json"))  # untruncated: `_clip_pairs`
+        self._plain.no_truncation()
+        self._plain.no_padding()
+        self._plain.encode_special_tokens = self.tokenizer.encode_special_tokens
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        graph = directory / (QUANTIZED_FILE if quantized else MODEL_FILE)
         self.session = onnxruntime.InferenceSession(
             str(graph), options, providers=list(providers or ["CPUExecutionProvider"])
         )
@@ -138,6 +163,8 @@ class OnnxClassifier:
         out = np.zeros((len(texts), width if isinstance(width, int) else 1), dtype=np.float32)
         if not texts:
             return out
+        if pairs is not None:
+            texts, pairs = self._clip_pairs(texts, pairs)
         encodings = self.tokenizer.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
         # An empty text with no special tokens around it reads as one token, as in llmtune.
         ids = [e.ids or [self.empty_id] for e in encodings]
@@ -158,6 +185,28 @@ class OnnxClassifier:
                     feed["token_type_ids"][row, cols] = type_ids[i]
             out[rows] = self.session.run([self.output], feed)[0]
         return out
+
+    def _clip_pairs(
+        self, first: list[str], second: list[str], margin: int = 16
+    ) -> tuple[list[str], list[str]]:
+        """Cut both texts of long pairs a little beyond what truncation keeps, as llmtune does
+        (`_tokens.clip_pairs`): tokenizers truncates a pair of long texts in time and memory that
+        grow with the square of their length. The longer side is cut a margin later, so truncation
+        ("longest_first") keeps the same tokens; from the start where truncation cuts on the left."""
+        long = [i for i, (a, b) in enumerate(zip(first, second)) if min(len(a), len(b)) > self.max_length]
+        if not long:
+            return first, second
+        first, second = list(first), list(second)
+        encodings = self._plain.encode_batch(
+            [first[i] for i in long] + [second[i] for i in long], add_special_tokens=False
+        )
+        for j, i in enumerate(long):
+            a, b = encodings[j].offsets, encodings[len(long) + j].offsets
+            for side, mine, other in ((first, a, b), (second, b, a)):
+                keep = self.max_length + margin * (2 if len(mine) > len(other) else 1)
+                if len(mine) > keep:  # exactly `keep` tokens on the side truncation keeps
+                    side[i] = side[i][mine[-keep][0] :] if self.truncate_left else side[i][: mine[keep][0]]
+        return first, second
 
     def predict_proba(
         self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, batch_size: int = 64

@@ -199,3 +199,70 @@ def test_a_windowed_model_is_refused(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="windows"):
         model.export_onnx(tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_missing_or_damaged_file_is_named(tokenizer, tmp_path):
+    import shutil
+
+    build(tokenizer, "bert", "classification").export_onnx(tmp_path / "onnx")
+    with pytest.raises(FileNotFoundError, match=r"model\.int8\.onnx is missing; llmtune\.onnx\.quantize"):
+        llmtune_onnx.load(tmp_path / "onnx", quantized=True)
+    for name, damage, error in [
+        ("tokenizer.json", None, FileNotFoundError),
+        ("tokenizer.json", '{"ver', ValueError),
+        ("llmtune_onnx.json", '{"task": ', ValueError),
+    ]:
+        shutil.copytree(tmp_path / "onnx", tmp_path / "bad", dirs_exist_ok=True)
+        if damage is None:
+            (tmp_path / "bad" / name).unlink()
+        else:
+            (tmp_path / "bad" / name).write_text(damage)
+        with pytest.raises(error, match=name.replace(".", r"\.")):
+            llmtune_onnx.load(tmp_path / "bad")
+        shutil.rmtree(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pairs_of_long_texts_are_cut_before_truncation_to_the_same_tokens(tokenizer, tmp_path, side):
+    # tokenizers truncates a pair in time and memory that grow with the square of its length
+    # (two 20k-character texts: 15 s and 3 GB); cut first, as llmtune does, it reads the same.
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.truncation_side = side
+    model = build(tok, "bert", "classification")
+    model.export_onnx(tmp_path / "onnx")
+    exported = llmtune_onnx.load(tmp_path / "onnx")
+    first = ["good film " * 300 + "superb", "short", "awful " * 80]
+    second = ["bad plot " * 300 + "dull", "the plot " * 90, "fine " * 60]
+    cut = exported._clip_pairs(first, second)
+    assert max(len(t) for t in cut[0] + cut[1]) < 1000  # the long sides were cut
+    uncut = exported.tokenizer.encode_batch(list(zip(first, second)))
+    assert [e.ids for e in exported.tokenizer.encode_batch(list(zip(*cut)))] == [e.ids for e in uncut]
+    np.testing.assert_allclose(exported.outputs(first, second), reference(model, first, second), atol=1e-4)
+
+
+def test_export_refuses_to_replace_an_earlier_export_holding_other_files(tokenizer, tmp_path):
+    model = build(tokenizer, "bert", "classification")
+    model.export_onnx(tmp_path / "onnx")
+    quantize(tmp_path / "onnx")  # the export's own: replaced with it
+    (tmp_path / "onnx" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an ONNX export"):
+        model.export_onnx(tmp_path / "onnx")
+    assert (tmp_path / "onnx" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "onnx" / "notes.txt").unlink()
+    model.export_onnx(tmp_path / "onnx")  # an export over an export (and its int8 copy) goes on
+    assert llmtune_onnx.load(tmp_path / "onnx").predict(["good"])
+
+
+def test_split_special_tokens_reads_as_in_torch(tokenizer, tmp_path):
+    import copy
+
+    split = copy.deepcopy(tokenizer)
+    split.split_special_tokens = True  # "[SEP]" in a text is five characters, not the separator
+    model = build(split, "bert", "classification")
+    model.export_onnx(tmp_path / "onnx")
+    exported = llmtune_onnx.load(tmp_path / "onnx")
+    texts = ["good [SEP] film [CLS] bad", "[PAD][SEP]"]
+    np.testing.assert_allclose(exported.outputs(texts), reference(model, texts), atol=1e-4)
+    assert exported.tokenizer.encode(texts[0]).ids == split(texts[0])["input_ids"]
