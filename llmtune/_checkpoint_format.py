@@ -365,13 +365,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- writing ------------------------------------------------------------------------------
 
 
-def state_record(state: TrainState, epoch_done: bool) -> dict[str, Any]:
+def state_record(state: TrainState, epoch_done: bool, epoch_loss_sum: float | None = None) -> dict[str, Any]:
     # At an epoch's end the run continues at the start of the next epoch.
+    loss_sum = float(state.epoch_loss) if epoch_loss_sum is None else epoch_loss_sum
     return {
         "step": state.step,
         "epoch": state.epoch + 1 if epoch_done else state.epoch,
         "batches_done": 0 if epoch_done else state.batches_done,
-        "epoch_loss_sum": 0.0 if epoch_done else float(state.epoch_loss),
+        "epoch_loss_sum": 0.0 if epoch_done else loss_sum,
         "epoch_examples": 0 if epoch_done else state.epoch_examples,
         "epoch_skipped": 0 if epoch_done else state.epoch_skipped,
         "examples_seen": state.examples_seen,
@@ -396,11 +397,13 @@ def write_files(
     epoch_done: bool,
     data: dict[str, Any] | None,
     rng_ranks: list[dict[str, Any]] | None = None,
+    epoch_loss_sum: float | None = None,
 ) -> None:
     """Write every checkpoint file into `directory` (a temporary one: see `_atomic`).
 
     `rng_ranks`: every data-parallel rank's RNG states (their dropout draws differ), kept
     beside this process's so that each rank of a resumed run continues its own stream.
+    `epoch_loss_sum`: the epoch's loss sum over all ranks (None: this process's `state.epoch_loss`).
     """
     from safetensors.torch import save_model
 
@@ -415,7 +418,7 @@ def write_files(
     torch.save(rng, directory / RNG_FILE)
     callbacks = [{"class": type(c).__name__, "state": _callback_state(c)} for c in tuner.callbacks]
     torch.save(callbacks, directory / CALLBACKS_FILE)
-    _write_json(directory / STATE_FILE, state_record(state, epoch_done))
+    _write_json(directory / STATE_FILE, state_record(state, epoch_done, epoch_loss_sum))
     config = {
         "format": FORMAT,
         "model": model_summary(model),

@@ -156,7 +156,9 @@ def resume_run(tuner: FineTuner, path: Path, train: Any) -> Resumed:
     for key in ("step", "epoch", "batches_done", "examples_seen", "skipped", "should_stop", "metrics"):
         setattr(state, key, record[key])
     state.epoch_examples, state.epoch_skipped = record["epoch_examples"], record["epoch_skipped"]
-    state.epoch_loss = torch.tensor(record["epoch_loss_sum"], dtype=torch.float32, device=tuner.device)
+    # The saved sum is over all ranks; each rank holds its share, which the epoch's record sums.
+    loss = record["epoch_loss_sum"] / tuner.dist.world_size
+    state.epoch_loss = torch.tensor(loss, dtype=torch.float32, device=tuner.device)
     state.history.records = record["history"]
     logger.info(
         "resuming from %s: step %d, epoch %d, batch %d", path, state.step, state.epoch + 1, state.batches_done

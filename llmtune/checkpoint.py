@@ -72,6 +72,7 @@ def save_checkpoint(
     epoch_done: bool = False,
     data: dict[str, Any] | None = None,
     rng_ranks: list[dict[str, Any]] | None = None,
+    epoch_loss_sum: float | None = None,
 ) -> Path:
     """Write the run's complete state to directory `path`, atomically.
 
@@ -83,6 +84,8 @@ def save_checkpoint(
             starts the next epoch. False after an optimizer step inside an epoch.
         data: `data_fingerprint(train)`, checked when the run resumes.
         rng_ranks: every data-parallel rank's RNG states (`Checkpoint` gathers them).
+        epoch_loss_sum: the epoch's loss sum over all data-parallel ranks (`Checkpoint` sums
+            their shares); None: `state.epoch_loss`, this process's.
 
     Returns:
         The checkpoint directory.
@@ -92,7 +95,7 @@ def save_checkpoint(
     """
     _check_finite(tuner.model)
     return _atomic.write_atomically(
-        path, lambda tmp: fmt.write_files(tmp, tuner, state, epoch_done, data, rng_ranks)
+        path, lambda tmp: fmt.write_files(tmp, tuner, state, epoch_done, data, rng_ranks, epoch_loss_sum)
     )
 
 
@@ -270,6 +273,8 @@ class Checkpoint(Callback):
         """Write `step-N` now, mark it best if it is, and delete checkpoints beyond `keep_last`."""
         # Every rank's RNG (a collective: every rank calls save at the same steps), then one writes.
         rng_ranks = tuner.dist.gather_objects(fmt.rng_state()) if tuner.dist.enabled else None
+        # Each rank holds its share of the epoch's loss sum; the checkpoint keeps the whole sum.
+        loss_sum = float(tuner.dist.sum(torch.as_tensor(state.epoch_loss)))
         if not _is_main():  # every rank holds the same weights; one writes
             return None
         path = self.directory / f"step-{state.step:08d}"
@@ -278,7 +283,15 @@ class Checkpoint(Callback):
         if improved:
             self.best_path = path  # before saving, so the saved state names itself best
         try:
-            save_checkpoint(path, tuner, state, epoch_done=epoch_done, data=self._data, rng_ranks=rng_ranks)
+            save_checkpoint(
+                path,
+                tuner,
+                state,
+                epoch_done=epoch_done,
+                data=self._data,
+                rng_ranks=rng_ranks,
+                epoch_loss_sum=loss_sum,
+            )
         except BaseException:
             self.best_path = previous_best
             raise

@@ -113,6 +113,19 @@ def test_checkpoints_cross_between_ddp_and_one_process(no_dropout_dir, tmp_path)
     assert_same_weights(tmp_path / "to_ddp", tmp_path / "single")
 
 
+def test_a_run_resumed_inside_an_epoch_reports_the_unbroken_runs_train_loss(no_dropout_dir, tmp_path):
+    # Each rank sums its share of the epoch's loss; a checkpoint written by rank 0 held only
+    # rank 0's share, so the resumed epoch's train_loss (summed over ranks again) was wrong:
+    # 0.7174 for 0.7240 on 2 ranks, 0.5639 in one process.
+    ddp = run(no_dropout_dir, tmp_path / "ddp", "--batch-size", "4", procs=2)
+    step3 = str(tmp_path / "ddp" / "ckpt/step-00000003")  # inside epoch 1 (7 steps an epoch)
+    again = run(no_dropout_dir, tmp_path / "again", "--batch-size", "4", "--resume", step3, procs=2)
+    single = run(no_dropout_dir, tmp_path / "single", "--batch-size", "8", "--resume", step3)
+    expected = [r["train_loss"] for r in ddp["history"]]
+    assert [r["train_loss"] for r in again["history"]] == pytest.approx(expected, abs=1e-6)
+    assert [r["train_loss"] for r in single["history"]] == pytest.approx(expected, abs=1e-6)
+
+
 def test_a_ddp_run_with_dropout_resumes_to_the_unbroken_runs_weights(tokenizer, tmp_path):
     # The ranks' dropout streams drift apart (their batches pad to different widths); a resume
     # that gave every rank rank 0's RNG state ended 0.04 away from the unbroken run.
