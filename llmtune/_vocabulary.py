@@ -152,7 +152,7 @@ def add_rows(
         unit = context_coordinates(tokenizer, texts, ids, old.shape[1], seed)
     else:
         unit = _draws(len(ids), old.shape[1], seed)
-    drawn = old.mean(0) + unit * old.std(0)
+    drawn = old.mean(0) + unit.to(old.device) * old.std(0)  # unit: drawn on the CPU
     trainable = torch.zeros(size, dtype=torch.bool)
     previous = getattr(embedding, "llmtune_new_rows", None)
     if previous is not None:

@@ -96,6 +96,20 @@ def test_new_rows_start_by_their_contexts_on_small_training_sets_only(make_model
     assert not torch.allclose(placed, drawn)
 
 
+@pytest.mark.parametrize("limit", [48, 47])  # rows placed by their contexts, and drawn
+def test_a_model_off_the_cpu_grows_its_vocabulary(make_model, monkeypatch, limit):
+    # FineTuner.fit grows the vocabulary after moving the model to its device. The new rows'
+    # coordinates are drawn on the CPU, and mixing them with a CUDA embedding's mean and
+    # spread raised "Expected all tensors to be on the same device". The meta device stands
+    # in for CUDA: it refuses CPU operands the same way.
+    monkeypatch.setattr(_vocabulary, "CONTEXT_MAX_TEXTS", limit)
+    model = make_model().to("meta")
+    added = model.extend_vocabulary(unreadable_task())
+    assert added
+    assert embedding_of(model).device.type == "meta"
+    assert embedding_of(model).shape[0] == len(model.tokenizer)
+
+
 def test_counting_text_longer_than_the_model_reads_warns_of_nothing(tokenizer, caplog):
     # The ids are counted, never fed to the model: no "indexing errors" warning from transformers.
     short = copy.deepcopy(tokenizer)
