@@ -97,9 +97,10 @@ class Inference:
     ) -> np.ndarray:
         """Raw outputs for a list of texts, shape (N, num_labels).
 
-        `precision` as in FineTuner: "auto" runs bf16 autocast where the hardware computes bf16
-        natively (CUDA, CPUs with AVX-512 BF16 or AMX: ~2-4x faster, outputs within ~1e-2),
-        else fp32; "fp32" gives exact outputs.
+        `precision`: "auto" runs bf16 autocast where the hardware computes bf16 natively (CUDA
+        GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX: ~2-4x faster, outputs within
+        ~1e-2), else fp32, never fp16 (which has no overflow guard outside training); "fp32"
+        gives exact outputs.
         """
         texts = _text_list(texts, "texts")
         pairs = None if text_pairs is None else _text_list(text_pairs, "text_pairs")
@@ -112,7 +113,7 @@ class Inference:
         data = Tokenized.from_rows(
             rows["input_ids"], rows.get("token_type_ids"), None, **pad, text=rows["text"]
         )
-        with _runtime.autocast(self.device, _runtime.resolve_precision(precision, self.device)):
+        with _runtime.autocast(self.device, _runtime.inference_precision(precision, self.device)):
             return self.aggregate(self.outputs(data, batch_size), data)
 
     def predict_proba(
@@ -208,7 +209,7 @@ class Inference:
             )
         data.check_compatible(self.labels, self.task, "calibration")
         tokens = self.tokenize(data)
-        with _runtime.autocast(self.device, _runtime.resolve_precision(precision, self.device)):
+        with _runtime.autocast(self.device, _runtime.inference_precision(precision, self.device)):
             logits = self.aggregate(self.outputs(tokens, batch_size), tokens)
         targets = tokens.text_labels
         temperature = _calibration.fit_temperature(logits, targets, self.task)

@@ -202,7 +202,8 @@ def load_encoder(source: str, quantization: str | None = None, **kwargs: Any) ->
         import torch
 
         kwargs = {"quantization_config": quantization_config(quantization), **kwargs}
-        kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+        if "device_map" not in kwargs:
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(source, **_hub_options(kwargs))

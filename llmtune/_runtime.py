@@ -59,6 +59,28 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def inference_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """`resolve_precision` for predicting: "auto" never picks fp16. Training's fp16 comes with
+    a grad scaler; a prediction has no such guard, and a decoder's activations can pass fp16's
+    65,504 and come out NaN. So GPUs without native bf16 (T4, V100) predict in fp32."""
+    dtype = resolve_precision(precision, device)
+    return None if precision == "auto" and dtype == torch.float16 else dtype
+
+
+def refuse_fp16_weights(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Refuse fp16 autocast on fp16 weights that train: the grad scaler unscales only fp32
+    gradients (torch raised "Attempting to unscale FP16 gradients" at the first step)."""
+    if dtype != torch.float16:
+        return
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise ConfigError(
+            f"precision fp16 trains with a grad scaler, which needs fp32 trainable weights; "
+            f"{len(half)} are float16 (e.g. {half[0]}). Load the model without dtype=torch.float16, "
+            "train LoRA adapters (peft keeps them fp32), or pass precision='fp32'."
+        )
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     if dtype is None:
         return contextlib.nullcontext()

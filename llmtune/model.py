@@ -199,6 +199,9 @@ class ClassifierModel(Inference, nn.Module):
             drawn = torch.empty(self.head.weight.shape, device="cpu").normal_(0.0, std, generator=generator)
             self.head.weight.copy_(drawn)
         nn.init.zeros_(self.head.bias)
+        placed = next((p.device for p in encoder.parameters()), torch.device("cpu"))
+        if placed.type != "cpu":  # loaded onto a GPU (quantization, device_map): the head joins it
+            self.head.to(placed)
         self.tuning: TuningStrategy | None = None  # set by tune(); None: the default below
         _freeze_large_vocabulary(encoder)
 

@@ -28,7 +28,7 @@ from .data import DatasetAdapter
 from .errors import ConfigError, DataError, TrainingError
 from .objectives import Objective
 from .optim import OptimizerFactory
-from .tuning import FeatureLoader, encoder_frozen
+from .tuning import FeatureLoader, encoder_frozen, refuse_quantized_default
 
 __all__ = ["FineTuner", "TrainState", "History"]
 
@@ -58,7 +58,8 @@ class FineTuner:
         epochs: passes over the training data (ignored when `max_steps` is set). None (the
             default) is 3, or more where the data is so small that 3 passes would give fewer
             than `min_steps` optimizer steps (logged at INFO; the history shows the epochs).
-        max_steps: stop after this many optimizer steps.
+        max_steps: stop after this many optimizer steps; steps skipped (an fp16 overflow,
+            `nonfinite="skip"`) do not count, so the run goes on into the next pass for them.
         min_steps: the fewest optimizer steps of a default-length (`epochs=None`) run. Three
             passes over 8 examples a class are 3 steps, too few for a new head to learn
             anything (benchmarks/results/quality.md); an explicit `epochs` is kept as given.
@@ -254,9 +255,13 @@ class FineTuner:
 
         Raises:
             CheckpointError: the checkpoint is damaged, or from another model, label set or data.
+            ConfigError: a quantized encoder with no strategy chosen, or fp16 precision (the grad
+                scaler's) with fp16 weights that train.
             TrainingError: a non-finite loss or gradient norm (with `nonfinite="raise"`).
         """
         self.check_data(train, validation)
+        refuse_quantized_default(self.model)
+        _runtime.refuse_fp16_weights(self.model, self.dtype)
         if hasattr(self.model, "reset_calibration"):  # fitted to weights that training changes
             self.model.reset_calibration()
         # Under torchrun: join the process group; batch_size is then per rank (as in DDP).
@@ -322,14 +327,18 @@ class FineTuner:
         fast = contextlib.nullcontext()
         if self.fast_cpu and self.device.type == "cpu":
             fast = grads = _cpu_fast.FastPaths(model, sparse_embedding=self.dist.world_size == 1)
+        # max_steps counts steps that happened: a pass with skipped ones (fp16 overflow,
+        # nonfinite="skip") leaves some to the next, while each pass still makes progress.
+        last = epochs if self.max_steps is None else None
         with fast:
-            for epoch in range(state.epoch, epochs):
-                if state.step >= total_steps or state.should_stop:
+            for epoch in itertools.count(state.epoch):
+                if state.step >= total_steps or state.should_stop or epoch == last:
                     break
                 state.epoch = epoch
                 loader.set_epoch(epoch)
                 model.train()
                 self.emit("on_epoch_start", state)
+                before = state.step
                 self._train_epoch(net, loader, grads)
 
                 record: dict[str, Any] = {
@@ -347,6 +356,8 @@ class FineTuner:
                 logger.info("epoch %d: %s", epoch + 1, record)
                 self.emit("on_epoch_end", state)
                 state.next_epoch()
+                if last is None and state.step == before:  # every step of a pass skipped
+                    break
         self.emit("on_fit_end", state)
         self.model.training_record = _card.run_record(self, train, validation)  # for its model card
         return state.history

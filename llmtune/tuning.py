@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -105,13 +105,12 @@ class TuningStrategy:
         """Set `requires_grad` on every parameter of `model` in place; returns the model.
 
         Raises:
-            ConfigError: the model carries LoRA adapters (merge them first).
+            ConfigError: the model carries LoRA adapters (merge them first), or the strategy
+                would train weights loaded quantized (`quantization="4bit"`).
         """
         _refuse_adapters(model, self)
         num_layers = _num_layers(model)
-        for name, param in model.encoder.named_parameters():
-            param.requires_grad_(self.trains(name, num_layers))
-        return self._finish(model)
+        return _set_trainable(model, self, lambda name: self.trains(name, num_layers))
 
     def _finish(self, model: ClassifierModel) -> ClassifierModel:
         # The head is new and task-specific: it always trains, whatever the strategy.
@@ -134,6 +133,45 @@ class TuningStrategy:
     def record(self, model: ClassifierModel) -> dict[str, Any]:
         """What `save_pretrained` writes about this strategy (JSON-serialisable)."""
         return {"name": type(self).__name__, **asdict(self)}
+
+
+def quantized_weights(model: nn.Module) -> list[str]:
+    """The encoder parameters stored as integers (bitsandbytes 4- and 8-bit): they cannot train."""
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        return []
+    return [name for name, p in encoder.named_parameters() if not p.is_floating_point()]
+
+
+def refuse_quantized_default(model: nn.Module) -> None:
+    """Refuse to fit a quantized encoder with no strategy chosen: the default means "every
+    weight trains", and its quantized weights cannot, so only its norms and embeddings would."""
+    stuck = quantized_weights(model)
+    if not stuck or getattr(model, "tuning", None) is not None or encoder_frozen(model):
+        return
+    raise ConfigError(
+        f"the encoder was loaded quantized ({len(stuck)} weights such as {stuck[0]} are integers): "
+        "they cannot train, so fitting it as it is would train only its norms, embeddings and "
+        "head. Call model.tune(LoRA()) first (QLoRA: adapters train beside the quantized "
+        "weights), or model.tune(HeadOnly())."
+    )
+
+
+def _set_trainable(
+    model: ClassifierModel, strategy: TuningStrategy, trains: Callable[[str], bool]
+) -> ClassifierModel:
+    """Set each encoder parameter's requires_grad to `trains(name)`, then the head's."""
+    params = dict(model.encoder.named_parameters())
+    stuck = [name for name, p in params.items() if trains(name) and not p.is_floating_point()]
+    if stuck:  # torch would refuse with "only Tensors of floating point dtype can require gradients"
+        raise ConfigError(
+            f"{strategy} would train {len(stuck)} encoder weights that were loaded quantized "
+            f"(such as {stuck[0]}, {params[stuck[0]].dtype}), and quantized weights cannot train. "
+            "Use LoRA() (QLoRA), HeadOnly() or BitFit(), or load the model without quantization."
+        )
+    for name, param in params.items():
+        param.requires_grad_(trains(name))
+    return strategy._finish(model)
 
 
 def _refuse_adapters(model: nn.Module, strategy: TuningStrategy) -> None:
@@ -191,9 +229,7 @@ class TopLayers(TuningStrategy):
         if self.k > num_layers:
             raise ConfigError(f"TopLayers(k={self.k}) but the encoder has {num_layers} layers")
         depths = layer_depths(model)  # layer i has depth i + 1, embeddings 0, a final norm L + 1
-        for name, param in model.encoder.named_parameters():
-            param.requires_grad_(depths[name] > num_layers - self.k)
-        return self._finish(model)
+        return _set_trainable(model, self, lambda name: depths[name] > num_layers - self.k)
 
     def trains(self, name: str, num_layers: int) -> bool:
         raise NotImplementedError("TopLayers decides by depth, in apply()")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import sentiment_texts, tiny_encoder
-from families import tiny_backbone
+from families import FAMILIES, tiny_backbone
 
 from llmtune import (
     BitFit,
@@ -97,6 +97,83 @@ def test_bitfit_refuses_an_encoder_without_biases(tokenizer, family):
     model = ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=["a", "b"])
     with pytest.raises(ConfigError, match="has none: only the head would train"):
         model.tune(BitFit())
+
+
+def _stored_like_bitsandbytes(model):
+    """Each linear weight as frozen uint8, as `quantization="4bit"` loads it (packed two to a byte)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for module in model.encoder.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            packed = torch.zeros(module.weight.numel() // 2, 1, dtype=torch.uint8)
+            module.weight = torch.nn.Parameter(packed, requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_strategies_refuse_to_train_quantized_weights(tokenizer, family):
+    # torch refused with "only Tensors of floating point dtype can require gradients", naming nothing.
+    model = _stored_like_bitsandbytes(
+        ClassifierModel(tiny_backbone(family, len(tokenizer)), tokenizer, labels=["a", "b"])
+    )
+    with pytest.raises(ConfigError, match="loaded quantized .* cannot train. Use LoRA"):
+        model.tune(Full())
+    if family != "albert":  # ALBERT's shared layers are refused first, for their own reason
+        with pytest.raises(ConfigError, match="loaded quantized"):
+            model.tune(TopLayers(1))
+    model.tune(HeadOnly())
+    assert _trainable(model) == {"head.weight", "head.bias"}
+    if any(name.endswith("bias") for name, _ in model.encoder.named_parameters()):
+        model.tune(BitFit())  # the biases stay in float: they train beside the quantized weights
+        assert all(model.get_parameter(n).is_floating_point() for n in _trainable(model))
+
+
+def test_fit_refuses_a_quantized_encoder_with_no_strategy(tokenizer):
+    # The default means "every weight trains": on a quantized encoder only its norms and
+    # embeddings could, and it would have trained those and said nothing.
+    model = _stored_like_bitsandbytes(
+        ClassifierModel(tiny_backbone("llama", len(tokenizer)), tokenizer, labels=["neg", "pos"])
+    )
+    texts, labels = sentiment_texts(16)
+    head = model.head.weight.detach().clone()
+    with pytest.raises(ConfigError, match="loaded quantized .* Call model.tune\\(LoRA\\(\\)\\) first"):
+        _tuner(model).fit(DatasetAdapter.from_lists(texts, labels))
+    assert torch.equal(model.head.weight, head)
+
+
+def test_the_head_joins_an_encoder_loaded_onto_another_device(tokenizer):
+    # quantization="4bit" loads the encoder onto the GPU (device_map); a head left on the CPU
+    # made predict send the inputs there. The meta device stands in for CUDA.
+    encoder = tiny_backbone("llama", len(tokenizer)).to("meta")
+    model = ClassifierModel(encoder, tokenizer, labels=["neg", "pos"])
+    assert model.head.weight.device.type == "meta" and model.device.type == "meta"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_real_4bit_weights_train_only_through_adapters(tokenizer, tmp_path, monkeypatch):
+    # bitsandbytes (0.46 and later) also loads 4-bit on a CPU; llmtune's own check asks for
+    # CUDA, since that is where QLoRA runs: bypassed here to load the real layers.
+    from transformers import BitsAndBytesConfig
+
+    from llmtune import _loading
+
+    monkeypatch.setattr(_loading, "quantization_config", lambda kind: BitsAndBytesConfig(load_in_4bit=True))
+    backbone = tiny_backbone("llama", len(tokenizer))  # width 32: bitsandbytes packs any width on load
+    backbone.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    def load():
+        options = dict(labels=["neg", "pos"], quantization="4bit", device_map={"": "cpu"})
+        return ClassifierModel.from_pretrained(tmp_path, **options)
+
+    assert _loading.quantization_config("4bit").load_in_4bit and load().encoder.is_quantized
+    with pytest.raises(ConfigError, match="loaded quantized"):
+        load().tune(Full())
+    texts, labels = sentiment_texts(16)
+    with pytest.raises(ConfigError, match="loaded quantized"):
+        _tuner(load()).fit(DatasetAdapter.from_lists(texts, labels))
+    model = load().tune(LoRA(r=2))
+    assert {n for n in _trainable(model) if "lora_" not in n} == {"head.weight", "head.bias"}
 
 
 def test_lora_parameters(make_model):

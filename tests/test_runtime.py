@@ -76,3 +76,64 @@ def test_an_fp16_skip_leaves_the_weights_as_they_were(make_model):
     tuner.fit(DatasetAdapter.from_lists(texts, labels))
     assert tuner.state.step == 0 and tuner.state.skipped == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fp16_precision_on_fp16_weights_that_train_is_refused_up_front(make_model):
+    # The grad scaler unscales fp32 gradients only: fp16 weights that train (a model loaded
+    # with dtype=torch.float16, e.g. on a T4, where "auto" is fp16) used to reach torch's
+    # "Attempting to unscale FP16 gradients" at the first step.
+    from llmtune import ConfigError
+
+    texts, labels = sentiment_texts(16)
+    model = make_model(dropout=0.0)
+    model.encoder.half()
+    tuner = FineTuner(model, epochs=1, batch_size=8, precision="fp16", progress=False, keep_best=False)
+    with pytest.raises(ConfigError, match="float16"):
+        tuner.fit(DatasetAdapter.from_lists(texts, labels))
+    assert tuner.state is None or tuner.state.step == 0
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), None), ((8, 0), torch.bfloat16)])
+def test_predicting_on_a_gpu_never_autocasts_to_fp16(monkeypatch, capability, expected):
+    # Training's fp16 has a grad scaler; a prediction has no guard against fp16's overflow, and
+    # the docs promise fp32 where bf16 is not native (T4, V100).
+    from llmtune import _runtime
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert _runtime.inference_precision("auto", cuda) == expected
+    assert _runtime.inference_precision("fp16", cuda) == torch.float16  # asked for: given
+    assert _runtime.resolve_precision("auto", cuda) == (expected or torch.float16)  # training: fp16 + scaler
+
+
+def test_predict_and_calibrate_take_the_inference_rule(make_model, monkeypatch):
+    from llmtune import _runtime
+
+    asked = []
+    rule = _runtime.inference_precision
+    monkeypatch.setattr(_runtime, "inference_precision", lambda p, d: asked.append(p) or rule(p, d))
+    model = make_model()
+    model.predict(["good film"], precision="fp32")
+    texts, labels = sentiment_texts(16)
+    model.calibrate(DatasetAdapter.from_lists(texts, labels))
+    assert asked == ["fp32", "auto"]
+
+
+def test_max_steps_counts_the_steps_that_happened(make_model):
+    # 4 steps a pass and max_steps=4: a skipped overflow step left the run one short, its
+    # linear schedule stopped at a quarter of the peak rate instead of 0.
+    texts, labels = sentiment_texts(32)
+    model = make_model(dropout=0.0)
+    calls = []
+    model.head.weight.register_hook(
+        lambda grad: calls.append(1) or (grad * float("inf") if len(calls) == 2 else grad)
+    )
+    steps = Steps()
+    tuner = FineTuner(
+        model, max_steps=4, batch_size=8, precision="fp16", progress=False, callbacks=[steps], keep_best=False
+    )
+    history = tuner.fit(DatasetAdapter.from_lists(texts, labels))
+    assert tuner.state.step == 4 and tuner.state.skipped == 1 and steps.steps == [1, 2, 3, 4]
+    assert steps.lrs[-1] == pytest.approx(0.0, abs=1e-12)  # the schedule ran to its end
+    assert [r["epoch"] for r in history.records] == [1, 2]  # the fourth step came from a second pass
