@@ -236,7 +236,8 @@ class ClassifierModel(Inference, nn.Module):
         `1_Pooling/config.json`), else CLS. Extra keyword arguments go to
         `AutoModel.from_pretrained` (e.g. `dtype=torch.bfloat16`, `attn_implementation`,
         `revision`). `quantization="4bit"` or `"8bit"` loads the weights quantized through
-        bitsandbytes on a CUDA GPU, for LoRA on top (QLoRA).
+        bitsandbytes on a CUDA GPU, for LoRA on top (QLoRA: `model.tune(LoRA())`; the
+        quantized weights cannot train, so `Full()` and `TopLayers` are refused).
 
         A LoRA directory (adapter + head, see `llmtune.LoRA`) loads its adapter on top of the
         base encoder it recorded, or on `base` (Hub name or directory) when given.
