@@ -111,8 +111,9 @@ def best_f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float:
 def target_threshold(scores: np.ndarray, truth: np.ndarray, metric: str, target: float) -> float:
     """The threshold meeting `metric >= target` ("precision" or "recall") that is best at the other.
 
-    Precision: the lowest threshold that reaches it (the most recall); recall: the highest
-    (the most precision). Raises ValueError when no threshold reaches the target.
+    Precision: the lowest threshold that reaches it (the most recall); recall: the one with
+    the most precision (the highest of equals: precision does not rise with the threshold
+    everywhere). Raises ValueError when no threshold reaches the target.
     """
     thresholds, precision, recall, _ = _f1_curve(scores, truth)
     if metric == "precision":
@@ -125,4 +126,4 @@ def target_threshold(scores: np.ndarray, truth: np.ndarray, metric: str, target:
     ok = np.flatnonzero(recall >= target)
     if not truth.any() or not len(ok):  # without positives recall is 0 at every threshold
         raise ValueError(f"no threshold reaches recall {target} on this data: it holds no positives")
-    return float(thresholds[ok[0]])
+    return float(thresholds[ok[np.argmax(precision[ok])]])

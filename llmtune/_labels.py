@@ -156,8 +156,10 @@ def map_labels(
     rows = _flatten(values, task, source, column)
     names = _given_names(labels) if labels is not None else _names(rows, source, column)
     index = {name: i for i, name in enumerate(names)}
-    # Integer ids against named labels (from_lists(labels=[1, 0], label_names=["neg", "pos"])).
-    ids_ok = labels is not None and not any(n.lstrip("-").isdigit() for n in names)
+    # Integer ids against named labels (from_lists(labels=[1, 0], label_names=["neg", "pos"])),
+    # never against names that are numbers ("1.0", "2.5"): there a 1 is a value, not an id.
+    numbers = [_number(name) for name in names]
+    ids_ok = labels is not None and all(n is None for n in numbers)
 
     def one(value: Any, row: int) -> int:
         if str(value) in index:
@@ -169,8 +171,8 @@ def map_labels(
                 f"{_where(source, column, row)}: label id {value!r} is out of range for "
                 f"{len(names)} labels {names}."
             )
-        if _is_whole(value) and str(int(value)) in index:
-            return index[str(int(value))]
+        if _kind(value) in ("int", "float") and (n := _number(value)) is not None and numbers.count(n) == 1:
+            return numbers.index(n)  # 5.0 is label "5", and 1 is label "1.0"
         near = (
             f" (it differs from {value.strip()!r} by surrounding spaces)"
             if (isinstance(value, str) and value.strip() in index)

@@ -108,6 +108,17 @@ class _Monitor(Callback):
     def on_fit_start(self, tuner: FineTuner, state: TrainState, **kwargs: Any) -> None:
         self.monitor, self.mode = _resolve_monitor(tuner, *self._asked)
         self.best = None
+        names = ("loss", *getattr(tuner, "metrics", ()))
+        if self.monitor not in names:  # before any step, not after the first epoch's evaluation
+            bare = self.monitor.removeprefix("val_")
+            hint = (
+                f" (the names carry no 'val_' prefix: {bare!r})"
+                if bare != self.monitor and bare in names
+                else ""
+            )
+            raise KeyError(
+                f"monitored metric {self.monitor!r} is not among the validation metrics {sorted(names)}{hint}"
+            )
 
     def better(self, metrics: dict[str, float]) -> bool:
         """Whether `metrics` beat the best so far (which stays as it is)."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
+from .errors import ConfigError
 
 __all__ = ["Objective", "CrossEntropy", "MeanSquaredError", "BinaryCrossEntropy"]
 
@@ -42,6 +43,12 @@ class Objective:
     def metrics(self) -> dict[str, Metric]:
         """Metrics computed on validation outputs, by name (the loss is always added)."""
         return {}
+
+    def check(self, outputs: int) -> None:
+        """Raise ConfigError if this objective cannot train a model with `outputs` outputs.
+
+        FineTuner asks when it is built, so that a class weight too many fails before training.
+        """
 
     def denominator(self, targets: torch.Tensor) -> float | None:
         """What a batch's loss is an average over, where that is not its number of examples.
@@ -81,6 +88,16 @@ class Objective:
         return f"{type(self).__name__}()"
 
 
+def _check_width(weights: torch.Tensor | None, outputs: int, name: str) -> None:
+    # torch's own messages ("The size of tensor a (2) must match ...") name no argument, and
+    # come at the first step.
+    if weights is not None and weights.numel() != outputs:
+        raise ConfigError(
+            f"{name} has {weights.numel()} values but the model has {outputs} outputs; give one "
+            "per label, in the model's label order (model.labels)."
+        )
+
+
 def _optional_tensor(values: Sequence[float] | torch.Tensor | None) -> torch.Tensor | None:
     return None if values is None else torch.as_tensor(values, dtype=torch.float32)
 
@@ -107,6 +124,9 @@ class CrossEntropy(Objective):
             logits.float(), targets.long(), weight=weight, label_smoothing=self.label_smoothing
         )
 
+    def check(self, outputs: int) -> None:
+        _check_width(self.class_weights, outputs, "class_weights")
+
     def denominator(self, targets: torch.Tensor) -> float | None:
         # F.cross_entropy with class weights divides by the summed weights of the targets.
         if self.class_weights is None:
@@ -124,6 +144,13 @@ class MeanSquaredError(Objective):
     monitor = "loss"
     mode = "min"
 
+    def check(self, outputs: int) -> None:
+        if outputs != 1:
+            raise ConfigError(
+                f"a model with {outputs} outputs for one regression target a row: mse() compares "
+                "one output with each target; build the model with num_labels=1."
+            )
+
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(logits.float().reshape(targets.shape), targets.float())
 
@@ -140,6 +167,10 @@ class BinaryCrossEntropy(Objective):
 
     def __init__(self, pos_weight: Sequence[float] | torch.Tensor | None = None) -> None:
         self.pos_weight = _optional_tensor(pos_weight)
+
+    def check(self, outputs: int) -> None:
+        if self.pos_weight is None or self.pos_weight.numel() != 1:  # one value: every label's
+            _check_width(self.pos_weight, outputs, "pos_weight")
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)

@@ -143,6 +143,9 @@ class FineTuner:
             raise ConfigError(
                 f"{self.objective!r} is for {self.objective.task} but the model is {model.task}"
             )
+        outputs = getattr(getattr(model, "head", None), "out_features", None)
+        if outputs is not None:
+            self.objective.check(outputs)
         self.optimizer = optimizer or OptimizerFactory.adamw()
         if min_steps < 0:
             raise ConfigError(f"min_steps must be >= 0, got {min_steps}")

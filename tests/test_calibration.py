@@ -42,6 +42,13 @@ def test_best_f1_threshold_and_target_thresholds():
     assert (close >= cut).tolist() == [True, False, False]
 
 
+def test_the_recall_rule_takes_the_most_precise_threshold_not_the_highest():
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    truth = np.array([1, 0, 1, 1], dtype=bool)
+    # >= 0.7: recall 2/3, precision 2/3; >= 0.6: recall 1, precision 3/4 (better at both).
+    assert C.target_threshold(scores, truth, "recall", 0.6) == 0.6
+
+
 @pytest.fixture
 def trained(make_model):
     texts, labels = sentiment_texts(200)

@@ -39,6 +39,16 @@ def test_validation_built_with_train_labels_maps_integers_the_same_way():
     assert sparse.labels == ["5", "10"] and sparse.dataset["label"] == [1, 0, 1]
 
 
+def test_integers_against_fractional_label_names_are_values_not_ids():
+    # Half stars as classes; pandas reads a split without halves as ints: 1 is "1.0", not id 1.
+    train = DatasetAdapter.from_lists(list("abcd"), [1.0, 1.5, 2.0, 2.5], task="classification")
+    assert train.labels == ["1.0", "1.5", "2.0", "2.5"]
+    val = DatasetAdapter.from_lists(["x", "y"], [1, 2], label_names=train.labels)
+    assert val.dataset["label"] == [0, 2]
+    with pytest.raises(DataError, match="label 3 is not one of the labels"):
+        DatasetAdapter.from_lists(["x"], [3], label_names=train.labels)
+
+
 def test_booleans_stay_their_own_kind():
     flags = DatasetAdapter.from_lists(["a", "b"], [True, False])
     assert flags.labels == ["False", "True"] and flags.dataset["label"] == [1, 0]

@@ -105,3 +105,21 @@ def test_f1_matches_scikit_learn_on_absent_classes_and_random_cases():
         multi_targets = (rng.random((n, k)) < 0.3).astype(np.float32)
         expected = f1_score(multi_targets > 0.5, logits > 0, average="macro", zero_division=0)
         assert M.multilabel_f1(logits, multi_targets) == pytest.approx(expected)
+
+
+def test_weights_and_widths_that_do_not_fit_the_model_are_refused_before_training(make_model, tokenizer):
+    # torch raised "weight tensor should be defined either for all 2 classes..." or "The size
+    # of tensor a (2) must match..." at the first step, naming no argument.
+    from conftest import tiny_encoder
+
+    from llmtune import ClassifierModel, ConfigError, FineTuner
+
+    with pytest.raises(ConfigError, match="class_weights has 3 values but the model has 2 outputs"):
+        FineTuner(make_model(), Objective.cross_entropy(class_weights=[1.0, 2.0, 3.0]))
+    tags = ClassifierModel(tiny_encoder(tokenizer), tokenizer, labels=["a", "b", "c"], task="multilabel")
+    with pytest.raises(ConfigError, match="pos_weight has 2 values but the model has 3 outputs"):
+        FineTuner(tags, Objective.bce(pos_weight=[1.0, 2.0]))
+    FineTuner(tags, Objective.bce(pos_weight=[2.0]))  # one value: every label's, as torch broadcasts it
+    wide = ClassifierModel(tiny_encoder(tokenizer), tokenizer, task="regression", num_labels=2)
+    with pytest.raises(ConfigError, match="a model with 2 outputs for one regression target"):
+        FineTuner(wide)  # the loss's reshape failed at the first step

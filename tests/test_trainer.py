@@ -265,7 +265,7 @@ def test_keep_best_with_confidence_in_fit_restores_its_choice_and_checkpoints_it
 )
 def test_a_monitor_left_on_auto_knows_which_way_is_better(make_model, monitor, mode):
     # A calibration error is an error: "max" would keep the worst-calibrated epoch.
-    tuner = FineTuner(make_model(), progress=False)
+    tuner = FineTuner(make_model(), progress=False, metrics={monitor: lambda logits, targets: 0.0})
     for callback in (KeepBest(monitor=monitor), EarlyStopping(monitor=monitor)):
         callback.on_fit_start(tuner, None)
         assert callback.mode == mode
@@ -403,3 +403,16 @@ def test_the_progress_bar_of_a_run_resumed_inside_an_epoch_counts_its_done_steps
     bar.on_epoch_start(SimpleNamespace(is_main=True), state)
     assert (bar.bar.n, bar.bar.total) == (3, 9)  # was 0 of 9, ending at 6 of 9
     bar.bar.close()
+
+
+@pytest.mark.parametrize("callback", [EarlyStopping("val_f1"), KeepBest("f2")], ids=repr)
+def test_a_monitored_name_that_no_evaluation_gives_is_refused_before_training(make_model, callback):
+    # It raised at the first evaluation, after a whole epoch of training.
+    texts, labels = sentiment_texts(32)
+    train, val = DatasetAdapter.from_lists(texts, labels).split(validation=0.25, seed=0)
+    tuner = FineTuner(
+        make_model(), epochs=1, batch_size=8, progress=False, callbacks=[callback], keep_best=False
+    )
+    with pytest.raises(KeyError, match="not among the validation metrics"):
+        tuner.fit(train, val)
+    assert tuner.state.step == 0
