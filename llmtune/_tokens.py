@@ -98,6 +98,8 @@ def encode(
     convention); a pair is windowed over its second text (a first text too long for that
     is cut: `cap_first`). A text that fits is one row either way, with the same tokens.
     """
+    if pairs is not None:
+        refuse_unseparated_pairs(tokenizer)
     if stride is None:
         if pairs is not None:
             texts, pairs = clip_pairs(tokenizer, texts, pairs, max_length)
@@ -126,6 +128,31 @@ def encode(
             if "token_type_ids" in rows:
                 rows["token_type_ids"][i] = [0]
     return rows
+
+
+def refuse_unseparated_pairs(tokenizer: Any) -> None:
+    """Refuse text pairs where the tokenizer puts no token between the two texts.
+
+    A byte-level BPE tokenizer (GPT-2's, Qwen2's, SmolLM2's) joins a pair as the tokens of one
+    text after the other, so ("the film", " was good") and ("the", " film was good") would be
+    the same input, and the model could not tell where the first text ends.
+
+    Raises:
+        ConfigError: nothing separates the two texts of a pair.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        sides = tokenizer("a", "b").sequence_ids()
+        if 0 not in sides or 1 not in sides:
+            return
+        separated = sides.index(1) - (len(sides) - 1 - sides[::-1].index(0)) > 1
+    else:
+        separated = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add()
+    if not separated:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path!r} puts no token between the two texts of a pair (as "
+            "byte-level BPE tokenizers of decoders do), so the model could not tell where the first "
+            "ends; join each pair into one text with a separator, e.g. first + '\\n\\n' + second."
+        )
 
 
 def empty_id(tokenizer: Any) -> int:

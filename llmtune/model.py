@@ -63,6 +63,19 @@ def _freeze_large_vocabulary(encoder: nn.Module) -> None:
         )
 
 
+def _check_pad_id(encoder: nn.Module, tokenizer: Any) -> None:
+    """Refuse a pad token the encoder has no embedding row for: every padded batch would fail
+    with torch's "index out of range" (a pad token added to a decoder's tokenizer, unresized)."""
+    embedding = encoder.get_input_embeddings() if hasattr(encoder, "get_input_embeddings") else None
+    if isinstance(embedding, nn.Embedding) and tokenizer.pad_token_id >= embedding.num_embeddings:
+        raise ConfigError(
+            f"the pad token {tokenizer.pad_token!r} is id {tokenizer.pad_token_id}, but the encoder's "
+            f"embedding has {embedding.num_embeddings} rows: resize it, "
+            "encoder.resize_token_embeddings(len(tokenizer)), or pad with a token it has, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token."
+        )
+
+
 def _window_settings(stride: int | None, aggregation: str, tokenizer: Any, max_length: int) -> tuple:
     if aggregation not in AGGREGATIONS:
         raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -179,6 +192,7 @@ class ClassifierModel(Inference, nn.Module):
         self.dropout_p = getattr(config, "hidden_dropout_prob", 0.1) if dropout is None else dropout
         self.max_length = _families.max_length(max_length, tokenizer, config)
         ensure_pad_token(tokenizer)
+        _check_pad_id(encoder, tokenizer)
         self.stride, self.aggregation = _window_settings(stride, aggregation, tokenizer, self.max_length)
         # A decoder's positions follow the mask and it keeps no KV cache (see `encode`).
         self.decoder = _families.family(config).decoder

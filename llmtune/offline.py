@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._atomic import TMP, TRASH, fsync
 from .errors import ConfigError
@@ -28,7 +29,7 @@ logger = logging.getLogger("llmtune")
 
 CACHE_ENV = "LLMTUNE_CACHE"
 STAMP = "llmtune_offline.json"  # written last: a directory without it was never finished
-FORMAT = 1  # raise when a converter's output changes, so that older conversions are redone
+FORMAT = 2  # raise when a converter's output changes, so that older conversions are redone
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,35 @@ def _convert_gguf(source: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
     tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF carries no limit
+    split_digits(tokenizer, _gguf_string(source, "tokenizer.ggml.pre"))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# llama.cpp's pre-tokenizers that split off every digit before GPT-2's byte-level regex
+# (llama-vocab.cpp); transformers' GGUF reader leaves the split out ("a\n\n2" read as
+# "a", "\n", "\n", "2" instead of "a", "\n\n", "2").
+DIGIT_PRE_TOKENIZERS = frozenset(
+    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+)
+
+
+def _gguf_string(source: Path, key: str) -> str | None:
+    import gguf
+
+    field = gguf.GGUFReader(source).fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
+def split_digits(tokenizer: Any, pre: str | None) -> None:
+    """Give a byte-level tokenizer read from GGUF the digit split of its llama.cpp pre-tokenizer `pre`."""
+    if pre not in DIGIT_PRE_TOKENIZERS:
+        return
+    from tokenizers import Regex, pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    digits = pre_tokenizers.Split(Regex(r"\p{N}"), "isolated")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([digits, backend.pre_tokenizer])
 
 
 MODELS: dict[str, Source] = {

@@ -75,12 +75,54 @@ def test_an_empty_text_reads_as_end_of_text_where_the_tokenizer_adds_nothing(fam
     assert np.isfinite(tuner.evaluate(data)["loss"])
 
 
+@pytest.mark.parametrize("stride", [None, 2])
+def test_text_pairs_are_refused_where_the_tokenizer_puts_nothing_between_them(
+    stride, bpe_tokenizer, tokenizer
+):
+    # ("the film", " was good") and ("the", " film was good") would be the same tokens
+    model = ClassifierModel(
+        tiny_backbone("gpt2", len(bpe_tokenizer)),
+        bpe_tokenizer,
+        labels=["a", "b"],
+        max_length=8,
+        stride=stride,
+    )
+    with pytest.raises(ConfigError, match="no token between the two texts of a pair"):
+        model.logits(["the film", "the"], text_pairs=[" was good", " film was good"])
+    data = DatasetAdapter.from_lists(
+        ["the film", "the"], ["a", "b"], text_pairs=[" was good", " film was good"]
+    )
+    with pytest.raises(ConfigError, match="no token between the two texts of a pair"):
+        FineTuner(model, epochs=1, progress=False).fit(data)
+    # a tokenizer with a separator ([SEP]) reads pairs on a decoder as on an encoder
+    model = ClassifierModel(
+        tiny_backbone("llama", len(tokenizer)), tokenizer, labels=["a", "b"], stride=stride
+    )
+    assert model.logits(["the film"], text_pairs=[" was good"]).shape == (1, 2)
+
+
 def test_a_tokenizer_without_pad_pads_with_eos_and_says_so(tokenizer, caplog):
     bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="[SEP]")
     with caplog.at_level(logging.INFO, logger="llmtune"):
         model = ClassifierModel(tiny_backbone("llama", len(bare)), bare, labels=["a", "b"])
     assert "no pad token: padding with '[SEP]'" in caplog.text
     assert len(model.predict(TEXTS)) == 3
+
+
+def test_a_pad_token_without_an_embedding_row_is_refused(bpe_tokenizer, tmp_path):
+    # A pad token added to a decoder's tokenizer without resizing: torch's IndexError at predict
+    tok = copy.deepcopy(bpe_tokenizer)
+    tok.pad_token = None
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    encoder = tiny_backbone("llama", len(tok) - 1)
+    with pytest.raises(ConfigError, match="'<pad>' is id 300, but the encoder's embedding has 300 rows"):
+        ClassifierModel(encoder, tok, labels=["a", "b"])
+    encoder.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="resize it"):
+        ClassifierModel.from_pretrained(tmp_path, labels=["a", "b"])
+    encoder.resize_token_embeddings(len(tok))
+    assert len(ClassifierModel(encoder, tok, labels=["a", "b"]).predict(["good", "a very dull film"])) == 2
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ and (marked slow, run with `pytest -m slow`) the real models from their PyPI pac
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -421,6 +422,22 @@ def test_gguf_conversion_names_what_is_missing(monkeypatch, tmp_path):
         offline._convert_gguf(tmp_path / "model.gguf", tmp_path / "out")
 
 
+def test_a_gguf_tokenizer_splits_digits_as_its_llama_cpp_pre_tokenizer(bpe_tokenizer):
+    bpe_tokenizer = copy.deepcopy(bpe_tokenizer)  # the session's fixture: changed in place below
+
+    # llama.cpp's "smollm" pre-tokenizer splits off each digit before the byte-level regex, so
+    # the spaces or line breaks before a number stay one run; transformers' GGUF reader drops it.
+    def pieces(text):
+        return [p for p, _ in bpe_tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+
+    text = "Total\n\n2024 was  5"
+    assert pieces(text) == ["Total", "Ċ", "Ċ", "2024", "Ġwas", "Ġ", "Ġ5"]
+    offline.split_digits(bpe_tokenizer, "llama-bpe")  # no digit split in llama.cpp: unchanged
+    assert pieces(text) == ["Total", "Ċ", "Ċ", "2024", "Ġwas", "Ġ", "Ġ5"]
+    offline.split_digits(bpe_tokenizer, "smollm")
+    assert pieces(text) == ["Total", "ĊĊ", "2", "0", "2", "4", "Ġwas", "ĠĠ", "5"]
+
+
 def test_import_llmtune_does_not_import_offline():
     code = "import llmtune, sys; print('llmtune.offline' in sys.modules, 'llmtune._e5s1' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -522,6 +539,8 @@ def test_real_smollm2(cache):
     lm = AutoModelForCausalLM.from_pretrained(directory).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     assert tokenizer.model_max_length == 8192
+    # as llama.cpp reads the GGUF ("smollm": each digit split off first)
+    assert tokenizer.tokenize("Total\n\n2024") == ["Total", "ĊĊ", "2", "0", "2", "4"]
     question = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt")
     prompt = prompt["input_ids"]
