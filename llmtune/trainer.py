@@ -335,7 +335,7 @@ class FineTuner:
         last = epochs if self.max_steps is None else None
         with fast:
             for epoch in itertools.count(state.epoch):
-                if state.step >= total_steps or state.should_stop or epoch == last:
+                if state.step >= total_steps or state.should_stop or (last is not None and epoch >= last):
                     break
                 state.epoch = epoch
                 loader.set_epoch(epoch)
