@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import sys
@@ -138,6 +139,22 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def foreign_files(directory: Path, record: str, files: list[str]) -> list[str]:
+    """The names in `directory` that the directory's writer did not put there (notes, a card).
+
+    The JSON file `record` of the earlier write lists its files under "files"; without one (an
+    older llmtune, or another tool), the `files` this write makes are taken for the writer's.
+    `write_atomically` replaces the directory whole, so these would be deleted.
+    """
+    if not directory.is_dir():
+        return []
+    try:
+        ours = set(json.loads((directory / record).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set(files)
+    return sorted(p.name for p in directory.iterdir() if p.name not in ours)
 
 
 def write_file_atomically(path: Path, text: str) -> None:

@@ -95,18 +95,7 @@ def _window_settings(stride: int | None, aggregation: str, tokenizer: Any, max_l
 
 
 def _refuse_foreign_files(directory: Path, files: list[str]) -> None:
-    """Refuse to replace a directory holding files that its saved model did not write.
-
-    The previous save's list of files says which are the model's; without one (an older
-    llmtune, or another tool), the files this save writes are taken for the model's.
-    """
-    if not directory.is_dir():
-        return
-    try:
-        ours = set(json.loads((directory / HEAD_CONFIG).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        ours = set(files)
-    foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours)
+    foreign = _atomic.foreign_files(directory, HEAD_CONFIG, files)
     if foreign:
         raise ConfigError(
             f"{directory} holds files that are not part of a saved model: {foreign[:10]}. "

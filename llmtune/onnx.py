@@ -96,18 +96,7 @@ def _exportable(model: nn.Module) -> nn.Module:
 
 
 def _refuse_foreign_files(directory: Path, files: list[str]) -> None:
-    """Refuse to replace an earlier export that holds files it did not write (notes, a model card).
-
-    The earlier export's list of files says which are its own; without one (an older llmtune),
-    the files this export writes are taken for the export's.
-    """
-    if not directory.is_dir():
-        return
-    try:
-        ours = set(json.loads((directory / META_FILE).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        ours = set(files)
-    foreign = sorted(p.name for p in directory.iterdir() if p.name not in ours | {QUANTIZED_FILE})
+    foreign = _atomic.foreign_files(directory, META_FILE, files)
     if foreign:
         raise ConfigError(
             f"{directory} holds files that are not an ONNX export: {foreign[:10]}; the export replaces "
