@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -110,27 +110,26 @@ class _Monitor(Callback):
         self.best = None
         names = ("loss", *getattr(tuner, "metrics", ()))
         if self.monitor not in names:  # before any step, not after the first epoch's evaluation
-            bare = self.monitor.removeprefix("val_")
-            hint = (
-                f" (the names carry no 'val_' prefix: {bare!r})"
-                if bare != self.monitor and bare in names
-                else ""
-            )
-            raise KeyError(
-                f"monitored metric {self.monitor!r} is not among the validation metrics {sorted(names)}{hint}"
-            )
+            raise self._unknown(names)
 
     def better(self, metrics: dict[str, float]) -> bool:
         """Whether `metrics` beat the best so far (which stays as it is)."""
         if self.monitor not in metrics:
-            raise KeyError(
-                f"monitored metric {self.monitor!r} is not among the validation metrics {sorted(metrics)}"
-            )
+            raise self._unknown(metrics)
         value = metrics[self.monitor]
         if math.isnan(value):
             return False
         return self.best is None or (
             value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+
+    def _unknown(self, names: Collection[str]) -> KeyError:
+        bare = self.monitor.removeprefix("val_")
+        hint = (
+            f" (the names carry no 'val_' prefix: {bare!r})" if bare != self.monitor and bare in names else ""
+        )
+        return KeyError(
+            f"monitored metric {self.monitor!r} is not among the validation metrics {sorted(names)}{hint}"
         )
 
     def improved(self, metrics: dict[str, float]) -> bool:

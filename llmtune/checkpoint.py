@@ -275,7 +275,7 @@ class Checkpoint(Callback):
         rng_ranks = tuner.dist.gather_objects(fmt.rng_state()) if tuner.dist.enabled else None
         # Each rank holds its share of the epoch's loss sum; the checkpoint keeps the whole sum.
         loss_sum = float(tuner.dist.sum(torch.as_tensor(state.epoch_loss)))
-        if not _is_main():  # every rank holds the same weights; one writes
+        if not tuner.is_main:  # every rank holds the same weights; one writes
             return None
         path = self.directory / f"step-{state.step:08d}"
         previous_best = self.best_path
@@ -315,7 +315,7 @@ class Checkpoint(Callback):
 
 
 def _is_main() -> bool:
-    """Rank 0, or not distributed: the process that writes."""
+    """Rank 0, or not distributed: the process that writes (`tuner.is_main`, where no tuner is at hand)."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )

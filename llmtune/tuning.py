@@ -162,7 +162,7 @@ def _set_trainable(
 ) -> ClassifierModel:
     """Set each encoder parameter's requires_grad to `trains(name)`, then the head's."""
     params = dict(model.encoder.named_parameters())
-    stuck = [name for name, p in params.items() if trains(name) and not p.is_floating_point()]
+    stuck = [name for name in quantized_weights(model) if trains(name)]
     if stuck:  # torch would refuse with "only Tensors of floating point dtype can require gradients"
         raise ConfigError(
             f"{strategy} would train {len(stuck)} encoder weights that were loaded quantized "
