@@ -10,6 +10,7 @@ Imports neither torch, transformers nor llmtune, so a service that only predicts
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -137,10 +138,6 @@ class OnnxClassifier:
         # Special tokens' text in a text is read as text where the tokenizer said so (before: not).
         self.tokenizer.encode_special_tokens = bool(meta.get("split_special_tokens", False))
         self.max_length, self.truncate_left = int(meta["max_length"]), meta.get("truncation_side") == "left"
-        self._plain = Tokenizer.from_file(str(directory / "tokenizer.json"))  # untruncated: `_clip_pairs`
-        self._plain.no_truncation()
-        self._plain.no_padding()
-        self._plain.encode_special_tokens = self.tokenizer.encode_special_tokens
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -186,6 +183,16 @@ class OnnxClassifier:
             out[rows] = self.session.run([self.output], feed)[0]
         return out
 
+    @functools.cached_property
+    def _untruncated(self) -> Any:
+        """The tokenizer without truncation, for `_clip_pairs`: a copy made when a pair first comes."""
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.no_truncation()
+        plain.encode_special_tokens = self.tokenizer.encode_special_tokens
+        return plain
+
     def _clip_pairs(
         self, first: list[str], second: list[str], margin: int = 16
     ) -> tuple[list[str], list[str]]:
@@ -197,7 +204,7 @@ class OnnxClassifier:
         if not long:
             return first, second
         first, second = list(first), list(second)
-        encodings = self._plain.encode_batch(
+        encodings = self._untruncated.encode_batch(
             [first[i] for i in long] + [second[i] for i in long], add_special_tokens=False
         )
         for j, i in enumerate(long):
